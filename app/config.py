@@ -1,0 +1,145 @@
+"""The application's configuration: one validated source of truth for every setting.
+
+``serve run serve_configs/<file>.yaml`` passes the YAML's ``args`` to ``app.builder:build_app``,
+which validates them into :class:`AppConfig`. Unknown keys are errors, so a typo fails at
+deploy time with the field's name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Mode = Literal["disaggregated", "aggregated"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    path: str = Field(description="Local checkpoint directory or Hugging Face model id.")
+    served_model_name: str = Field(description="Name clients pass as `model`.")
+
+
+class PhaseConfig(_Strict):
+    """One engine deployment (prefill, decode or aggregated)."""
+
+    num_replicas: int = Field(1, ge=1)
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM AsyncEngineArgs for this phase, merged over the shared engine_args.",
+    )
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
+    cpu_cores: list[str] | None = Field(
+        None,
+        description="CPU engines only: cores for replica rank i (e.g. ['0', '1'] or ['0-3']); "
+        "every thread of the engine's processes is pinned there.",
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment set in the replica before the engine."
+    )
+    max_ongoing_requests: int = Field(256, ge=1)
+
+    @field_validator("cpu_cores")
+    @classmethod
+    def _cores_parse(cls, cores: list[str] | None) -> list[str] | None:
+        for spec in cores or []:
+            parse_core_spec(spec)
+        return cores
+
+
+class NixlConfig(_Strict):
+    kv_buffer_device: Literal["cpu", "cuda", "auto"] = Field(
+        "auto", description="Where NIXL stages KV: 'auto' picks cuda on GPUs, cpu otherwise."
+    )
+    progress_delay_us: int = Field(
+        100,
+        ge=0,
+        description="Sleep of NIXL's progress thread between polls; 0 is NIXL's busy spin, "
+        "which burns a core per idle engine (DESIGN.md).",
+    )
+    side_channel_host: str | None = Field(
+        None, description="Address engines advertise for the NIXL handshake; None = node IP."
+    )
+    kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
+
+
+class IngressConfig(_Strict):
+    num_replicas: int = Field(1, ge=1)
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
+    max_ongoing_requests: int = Field(1024, ge=1)
+
+
+class RoutingConfig(_Strict):
+    prefill_timeout_s: float = Field(
+        60.0, gt=0, description="A prefill slower than this falls back to local prefill."
+    )
+
+
+class AppConfig(_Strict):
+    model: ModelConfig
+    mode: Mode = "disaggregated"
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="vLLM engine args shared by every phase."
+    )
+    prefill: PhaseConfig = Field(default_factory=PhaseConfig)
+    decode: PhaseConfig = Field(default_factory=PhaseConfig)
+    aggregated: PhaseConfig = Field(default_factory=PhaseConfig)
+    nixl: NixlConfig = Field(default_factory=NixlConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    log_level: str = Field("ERROR", description="vLLM log level inside engine replicas.")
+
+    @model_validator(mode="after")
+    def _no_engine_model_override(self) -> AppConfig:
+        for name, phase in (("", self), *self.phases()):
+            args = phase.engine_args
+            for key in ("model", "served_model_name", "kv_transfer_config"):
+                if key in args:
+                    raise ValueError(
+                        f"{name or 'engine_args'}: set '{key}' through model/nixl settings, "
+                        "not engine_args (they must agree across phases)"
+                    )
+        return self
+
+    def phases(self) -> list[tuple[str, PhaseConfig]]:
+        if self.mode == "aggregated":
+            return [("aggregated", self.aggregated)]
+        return [("prefill", self.prefill), ("decode", self.decode)]
+
+    def engine_kwargs(self, role: str, kv_buffer_device: str) -> dict[str, Any]:
+        """vLLM engine kwargs for one role: shared args, phase args, then the KV connector."""
+        phase = {"prefill": self.prefill, "decode": self.decode}.get(role, self.aggregated)
+        kwargs: dict[str, Any] = {"model": self.model.path, **self.engine_args}
+        kwargs.update(phase.engine_args)
+        if role in ("prefill", "decode"):
+            kv: dict[str, Any] = {
+                "kv_connector": "NixlConnector",
+                "kv_role": "kv_producer" if role == "prefill" else "kv_consumer",
+                "kv_buffer_device": kv_buffer_device,
+            }
+            if role == "decode":
+                kv["kv_load_failure_policy"] = self.nixl.kv_load_failure_policy
+            kwargs["kv_transfer_config"] = kv
+        return kwargs
+
+
+def parse_core_spec(spec: str) -> set[int]:
+    """'0', '0-3' or '0,2,4-5' -> a set of core ids (the format of taskset -c)."""
+    cores: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = (int(x) for x in part.split("-", 1))
+            if hi < lo:
+                raise ValueError(f"bad core range {part!r}")
+            cores.update(range(lo, hi + 1))
+        else:
+            cores.add(int(part))
+    if not cores:
+        raise ValueError(f"empty core spec {spec!r}")
+    return cores

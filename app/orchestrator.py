@@ -1,0 +1,103 @@
+"""The disaggregated request flow, independent of Ray: prefill leg, handoff, decode leg.
+
+Engines are reached through :class:`EngineClient`; the Ray Serve ingress passes handle-backed
+clients, unit tests pass fakes. Failure rules (DESIGN.md, request flow step 5): a prefill that
+errors (non-4xx) or times out makes decode prefill locally; a 4xx from prefill is the client's
+error and is returned as is; closing the decode stream cancels the request on the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from app.engine_host import KIND_ERROR, KIND_JSON, KIND_STREAM, Head
+from app.pd_decision import Route, RequestShape, decide_route, fallback_on_prefill_status
+from app.pd_requests import client_request, decode_request, prefill_request
+
+log = logging.getLogger(__name__)
+
+
+class EngineClient(Protocol):
+    async def call_once(self, kind: str, request: Any) -> Head: ...
+
+    def stream(self, kind: str, request: Any) -> AsyncIterator[Head | str]: ...
+
+
+@dataclass
+class Reply:
+    route: Route
+    head: Head
+    chunks: AsyncIterator[str] | None = None  # set when head.kind == "stream"
+
+
+class PDOrchestrator:
+    def __init__(
+        self,
+        mode: str,
+        decode: EngineClient,
+        prefill: EngineClient | None = None,
+        prefill_timeout_s: float = 60.0,
+    ):
+        self.mode = mode
+        self.decode = decode
+        self.prefill = prefill
+        self.prefill_timeout_s = prefill_timeout_s
+
+    async def handle(self, kind: str, request: Any) -> Reply:
+        request = client_request(request)
+        shape = RequestShape(
+            n=getattr(request, "n", 1) or 1,
+            use_beam_search=bool(getattr(request, "use_beam_search", False)),
+        )
+        route = decide_route(self.mode, shape, self.prefill is not None)
+        if route is Route.DISAGGREGATED:
+            outcome = await self._run_prefill(kind, request)
+            if isinstance(outcome, Head):  # the client's own error, found by prefill
+                return Reply(route, outcome)
+            if outcome is None:
+                route = Route.FALLBACK
+            else:
+                request = decode_request(request, outcome)
+        return await self._run_decode(route, kind, request)
+
+    async def _run_prefill(self, kind: str, request: Any) -> dict[str, Any] | Head | None:
+        """KV params for decode; a Head to return to the client; or None to fall back."""
+        try:
+            head = await asyncio.wait_for(
+                self.prefill.call_once(kind, prefill_request(kind, request)),
+                self.prefill_timeout_s,
+            )
+        except asyncio.TimeoutError:
+            log.warning("prefill timed out after %.1fs; decoding with local prefill",
+                        self.prefill_timeout_s)
+            return None
+        except Exception as exc:  # noqa: BLE001 - any prefill-side failure means fallback
+            log.warning("prefill failed (%s: %s); decoding with local prefill",
+                        type(exc).__name__, exc)
+            return None
+        if head.kind == KIND_ERROR:
+            if not fallback_on_prefill_status(head.status):
+                return head
+            log.warning("prefill answered %s; decoding with local prefill", head.status)
+            return None
+        params = (head.body or {}).get("kv_transfer_params") if head.kind == KIND_JSON else None
+        if not params:
+            log.warning("prefill returned no kv_transfer_params; decoding with local prefill")
+            return None
+        return params
+
+    async def _run_decode(self, route: Route, kind: str, request: Any) -> Reply:
+        stream = self.decode.stream(kind, request)
+        try:
+            head = await anext(stream)
+        except BaseException:
+            await stream.aclose()
+            raise
+        if head.kind != KIND_STREAM:
+            await stream.aclose()
+            return Reply(route, head)
+        return Reply(route, head, stream)

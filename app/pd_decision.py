@@ -1,0 +1,42 @@
+"""Which path a request takes: remote prefill + decode, or one engine doing both.
+
+Pure logic (no Ray, no vLLM) so every branch is unit-tested in microseconds. Later routing
+work (KV-aware, short-prompt threshold) extends :func:`decide_route` with more inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Route(str, Enum):
+    DISAGGREGATED = "disaggregated"  # prefill engine computes KV, decode engine pulls it
+    AGGREGATED = "aggregated"  # one engine does both phases by design
+    FALLBACK = "fallback"  # meant to disaggregate, but prefill failed: decode prefilled
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    """The few request features the decision needs."""
+
+    n: int = 1
+    use_beam_search: bool = False
+
+
+def decide_route(mode: str, shape: RequestShape, prefill_available: bool = True) -> Route:
+    if mode == "aggregated":
+        return Route.AGGREGATED
+    # One prefill hands off one sequence's blocks; n>1 and beam search fork sequences on the
+    # decode side, which vLLM's NIXL handoff does not support, so they run on one engine.
+    if shape.n > 1 or shape.use_beam_search:
+        return Route.AGGREGATED
+    if not prefill_available:
+        return Route.FALLBACK
+    return Route.DISAGGREGATED
+
+
+def fallback_on_prefill_status(status: int) -> bool:
+    """Prefill answered with an error: 4xx is the client's fault and goes back to it; anything
+    else is the prefill side's fault and decode prefills locally (llm-d does the same)."""
+    return not 400 <= status < 500

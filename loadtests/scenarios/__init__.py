@@ -1,0 +1,1 @@
+"""Benchmark scenarios that start the project's app and run :mod:`loadtests` against it."""

@@ -1,0 +1,299 @@
+"""Aggregated vs prefill/decode-disaggregated serving, same cores, same traffic.
+
+Starts the app (``serve run`` of ``app.builder:build_app``) in ``aggregated`` mode (2
+replicas, one core each) and then in ``disaggregated`` mode (1 prefill + 1 decode replica,
+one core each) on the ``small`` model, runs the same long-prompt Poisson workload at several
+rates against each, and writes the comparison into ``docs/BENCHMARKS.md`` between its own
+markers, with plots under ``docs/img/``. It takes the whole machine for ~15-20 minutes::
+
+    python -m loadtests.scenarios.pd_vs_aggregated
+
+``--report-only`` rebuilds the docs section from existing results without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from rich.console import Console
+
+from loadtests.bench import BenchConfig, run_benchmark
+from loadtests.compare import compare_markdown, compare_plots, load_result_dir
+from loadtests.envinfo import hardware, hardware_line
+from loadtests.mdsection import update_file
+from loadtests.metrics import SLO
+from loadtests.spec import ArrivalSpec, LengthDist, SyntheticSpec, parse_rates
+from loadtests.traces import repo_root
+
+SECTION = "loadtests:pd_vs_aggregated"
+MODES = ("aggregated", "disaggregated")
+MODE_TEXT = {
+    "aggregated": "2 replicas serving both phases, one core each (cores 0 and 1)",
+    "disaggregated": "1 prefill replica on core 0 + 1 decode replica on core 1, KV cache "
+                     "moved over NIXL",
+}
+
+
+def app_args(mode: str, model_path: str, served_name: str, max_model_len: int) -> dict[str, Any]:
+    """The app's config (``build_app`` args, ``app.config.AppConfig``) for one mode.
+
+    Both modes get identical engine settings and two cores; only the layout differs. This is
+    the one place to adapt when the app's schema moves (a unit test validates it).
+    """
+    return {
+        "model": {"path": model_path, "served_model_name": served_name},
+        "mode": mode,
+        "engine_args": {
+            "max_model_len": max_model_len,
+            "block_size": 32,  # vLLM-CPU attention needs a multiple of 32
+            "enforce_eager": True,
+            "kv_cache_memory_bytes": 2 * 1024**3,
+        },
+        "aggregated": {"num_replicas": 2, "cpu_cores": ["0", "1"]},
+        "prefill": {"num_replicas": 1, "cpu_cores": ["0"]},
+        "decode": {"num_replicas": 1, "cpu_cores": ["1"]},
+        "nixl": {"side_channel_host": "127.0.0.1", "progress_delay_us": 100},
+    }
+
+
+def serve_config(mode: str, model_path: str, served_name: str, host: str, port: int,
+                 max_model_len: int) -> dict[str, Any]:
+    """A ``serve run`` config file: one application, HTTP on ``host:port``."""
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": host, "port": port},
+        "logging_config": {"log_level": "WARNING", "enable_access_log": False},
+        "applications": [{
+            "name": "pd",
+            "route_prefix": "/",
+            "import_path": "app.builder:build_app",
+            "args": app_args(mode, model_path, served_name, max_model_len),
+        }],
+    }
+
+
+def launch_command(config_path: Path) -> list[str]:
+    """How the app is started (Ray's ``serve`` CLI, run with this interpreter)."""
+    return [sys.executable, "-m", "ray.serve.scripts", "run", str(config_path)]
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_ready(base: str, model: str, proc: subprocess.Popen[bytes], log: Path,
+               timeout: float) -> None:
+    """Poll ``/v1/models`` until ``model`` is listed and a one-token completion succeeds."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    with httpx.Client(base_url=base, timeout=30, trust_env=False) as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the app exited ({proc.returncode}); log tail:\n{_tail(log)}")
+            try:
+                models = [m["id"] for m in http.get("/v1/models").json().get("data", [])]
+                if model in models:
+                    resp = http.post("/v1/completions", json={
+                        "model": model, "prompt": "hello", "max_tokens": 2})
+                    if resp.status_code == 200:
+                        return
+                    last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+            except (httpx.HTTPError, ValueError) as exc:
+                last = type(exc).__name__
+            time.sleep(3)
+    raise TimeoutError(f"app not ready after {timeout:.0f} s ({last}); log tail:\n{_tail(log)}")
+
+
+def stop_app(proc: subprocess.Popen[bytes], host: str, port: int, console: Console) -> None:
+    """Ctrl-C the ``serve run`` process group (it shuts Serve down), then escalate."""
+    for sig, grace in ((signal.SIGINT, 120), (signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    deadline = time.monotonic() + 60
+    while not _port_free(host, port) and time.monotonic() < deadline:
+        time.sleep(2)
+    time.sleep(5)  # let Ray's workers exit before the next mode takes the cores
+    console.print(f"app stopped (exit {proc.returncode})")
+
+
+def _workload(args: argparse.Namespace) -> SyntheticSpec:
+    return SyntheticSpec(n=args.n, input=LengthDist(a=args.input_len),
+                         output=LengthDist(a=args.output_len))
+
+
+def run_mode(mode: str, args: argparse.Namespace, command: str, console: Console) -> Path:
+    out = args.out / mode
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(
+        serve_config(mode, args.model_path, args.served_model_name, args.host, args.port,
+                     args.max_model_len),
+        sort_keys=False))
+    if not _port_free(args.host, args.port):
+        raise RuntimeError(f"{args.host}:{args.port} is in use; stop whatever serves there")
+    log = out / "serve.log"
+    env = dict(os.environ)
+    root = str(repo_root())
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    console.rule(f"{mode}: starting the app ({config_path})")
+    with log.open("wb") as log_fh:
+        proc = subprocess.Popen(launch_command(config_path), cwd=root, env=env, stdout=log_fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://{args.host}:{args.port}"
+    try:
+        t0 = time.monotonic()
+        wait_ready(base, args.served_model_name, proc, log, args.startup_timeout)
+        console.print(f"{mode}: ready after {time.monotonic() - t0:.0f} s")
+        cfg = BenchConfig(
+            target=base, model=args.served_model_name, workload=_workload(args),
+            out=out / "results", arrival=ArrivalSpec(kind="poisson"), rates=args.rates,
+            slo=args.slo, attainment_target=args.attainment_target, seed=args.seed,
+            warmup=args.warmup, tokenizer_dir=repo_root() / args.model_path, label=mode,
+            command=command, progress=not args.no_progress,
+        )
+        asyncio.run(run_benchmark(cfg, console))
+    finally:
+        stop_app(proc, args.host, args.port, console)
+    return out / "results"
+
+
+def _rel(path: Path) -> str:
+    """``path`` relative to the repository root when inside it (docs must not hold /work/...)."""
+    try:
+        return str(path.resolve().relative_to(repo_root()))
+    except ValueError:
+        return str(path)
+
+
+def docs_section(args: argparse.Namespace, command: str, results: dict[str, Path],
+                 img_dir: Path, docs: Path) -> str:
+    """The Markdown between this scenario's markers."""
+    loaded = [load_result_dir(path, mode) for mode, path in results.items()]
+    img_rel = os.path.relpath(img_dir, docs.parent)
+    paths = compare_plots(loaded, img_dir, prefix="pd_vs_aggregated_")
+    meta = loaded[0].meta.get("loadtests", {})
+    command = meta.get("command") or command  # the run's command, also with --report-only
+    hw = meta.get("hardware") or hardware()
+    rates = ", ".join(f"{p['load']:g}" for p in loaded[0].points)
+    when = loaded[0].meta.get("date") or datetime.now().strftime("%Y%m%d-%H%M%S")
+    lines = [
+        "## Prefill/decode disaggregation vs aggregated serving (CPU)",
+        "",
+        f"Generated by `loadtests/scenarios/pd_vs_aggregated.py` ({when}, commit "
+        f"`{hw.get('git_commit') or '?'}`). Same two cores, same traffic, two layouts:",
+        "",
+        *(f"- **{mode}**: {MODE_TEXT[mode]}" for mode in results),
+        "",
+        f"- Command: `{command}`",
+        f"- Hardware: {hardware_line(hw)}",
+        f"- Model: `{args.served_model_name}` (`{args.model_path}`)",
+        f"- Workload: `{meta.get('workload')}` (token-id prompts, `ignore_eos`), Poisson "
+        f"arrivals at {rates} req/s, a fresh prompt set per rate (seed {meta.get('seed')}), "
+        f"{meta.get('warmup')} warm-up request(s) per setup",
+        f"- SLO: {meta.get('slo_text')}; DistServe-style goodput = highest rate with >= "
+        f"{meta.get('attainment_target', args.attainment_target):.0%} of requests meeting "
+        "both",
+        "",
+        compare_markdown(loaded).strip(),
+        "",
+        *(f"![{p.stem}]({img_rel}/{p.name})" for p in paths),
+        "",
+        f"Raw per-request results: `{_rel(args.out)}/<mode>/results/` (not committed); "
+        f"compare again with `python -m loadtests compare "
+        f"{' '.join(_rel(p) for p in results.values())}`.",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loadtests.scenarios.pd_vs_aggregated",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rates", type=parse_rates, default=[0.5, 1.0, 1.5, 2.0, 2.5, 3.0],
+                   metavar="R[,R...]", help="Poisson rates in req/s")
+    p.add_argument("--n", type=int, default=50, help="requests per rate")
+    p.add_argument("--input-len", type=int, default=1000, help="prompt tokens")
+    p.add_argument("--output-len", type=int, default=64, help="output tokens")
+    p.add_argument("--slo", type=SLO.parse, default=SLO(ttft_ms=1500, tpot_ms=100),
+                   metavar="ttft=MS,tpot=MS")
+    p.add_argument("--attainment-target", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--model-path", default="models/small-llama")
+    p.add_argument("--served-model-name", default="small-llama")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
+    p.add_argument("--out", type=Path, default=Path("results/pd_vs_aggregated"))
+    p.add_argument("--docs", type=Path, default=Path("docs/BENCHMARKS.md"))
+    p.add_argument("--img-dir", type=Path, default=Path("docs/img"))
+    p.add_argument("--startup-timeout", type=float, default=900)
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the docs section from existing results")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(argv) if argv is not None else sys.argv[1:]
+    args = build_parser().parse_args(raw)
+    console = Console(stderr=True)
+    root = repo_root()  # relative paths (model, docs, results) are from the repo root
+    args.out, args.docs, args.img_dir = (p if p.is_absolute() else root / p
+                                         for p in (args.out, args.docs, args.img_dir))
+    command = shlex.join(["python", "-m", "loadtests.scenarios.pd_vs_aggregated", *raw])
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := set(modes) - set(MODES):
+        console.print(f"[red]unknown modes {sorted(unknown)}[/]")
+        return 2
+    if not args.report_only and not (root / args.model_path / "config.json").is_file():
+        console.print(f"[red]{args.model_path} not found[/]: build it with "
+                      "`python -m app.tiny_model --size small --out models/small-llama`")
+        return 2
+    results: dict[str, Path] = {}
+    for mode in modes:
+        if args.report_only:
+            results[mode] = args.out / mode / "results"
+        else:
+            results[mode] = run_mode(mode, args, command, console)
+    section = docs_section(args, command, results, args.img_dir, args.docs)
+    update_file(args.docs, SECTION, section)
+    console.print(f"wrote {args.docs} (section {SECTION}) and plots in {args.img_dir}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
