@@ -17,8 +17,9 @@ from ray import serve
 
 from app.config import AppConfig, PhaseConfig, parse_core_spec
 from app.cpu_pinning import describe_affinity, engine_pids, pin_process_tree
-from app.engine_host import EngineHost, Head
+from app.engine_host import EngineHost
 from app.engine_process import NIXL_DELAY_ENV, setup_engine_process
+from app.engine_protocol import Head
 
 log = logging.getLogger("ray.serve")
 

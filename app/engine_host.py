@@ -11,28 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+from app.engine_protocol import KIND_ERROR, KIND_JSON, KIND_STREAM, Head
 from app.engine_stats import EngineStatsCollector
 from app.openai_errors import error_body
 
 log = logging.getLogger(__name__)
-
-# What an engine call yields first tells the ingress how to answer (status before body).
-KIND_JSON = "json"
-KIND_ERROR = "error"
-KIND_STREAM = "stream"
-
-
-@dataclass(frozen=True)
-class Head:
-    """First item of every engine reply: ``kind`` plus the whole body for json/error."""
-
-    kind: str
-    status: int = 200
-    body: dict[str, Any] | None = None
 
 
 class EngineHost:

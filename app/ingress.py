@@ -13,7 +13,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
@@ -22,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from app.config import AppConfig
-from app.engine_host import Head
+from app.engine_protocol import Head
 from app.openai_errors import error_response, validation_message
 from app.orchestrator import PDOrchestrator
 
@@ -138,7 +137,7 @@ class PDIngress:
             return error_response("request body must be a JSON object")
         try:
             request = self._request_models[kind].model_validate(body)
-        except (ValidationError, ValueError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - pydantic and vLLM validators: client input
             message, param = validation_message(exc)
             return error_response(message, param=param)
         served = self.cfg.model.served_model_name

@@ -24,7 +24,8 @@ def error_response(
 
 
 def validation_message(exc: Exception) -> tuple[str, str | None]:
-    """Readable message and offending field from a pydantic ValidationError (or any error)."""
+    """Readable message and offending field from a pydantic ValidationError, or from vLLM's
+    VLLMValidationError (which carries ``parameter``), or any other error."""
     errors = getattr(exc, "errors", None)
     if callable(errors):
         items = errors()
@@ -33,4 +34,4 @@ def validation_message(exc: Exception) -> tuple[str, str | None]:
             loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
             msg = first.get("msg", str(exc))
             return (f"{loc}: {msg}" if loc else msg), (loc or None)
-    return str(exc), None
+    return str(exc), getattr(exc, "parameter", None)

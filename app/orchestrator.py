@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from app.engine_host import KIND_ERROR, KIND_JSON, KIND_STREAM, Head
-from app.pd_decision import Route, RequestShape, decide_route, fallback_on_prefill_status
+from app.engine_protocol import KIND_ERROR, KIND_JSON, KIND_STREAM, Head
+from app.pd_decision import RequestShape, Route, decide_route, fallback_on_prefill_status
 from app.pd_requests import client_request, decode_request, prefill_request
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class PDOrchestrator:
                 self.prefill.call_once(kind, prefill_request(kind, request)),
                 self.prefill_timeout_s,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("prefill timed out after %.1fs; decoding with local prefill",
                         self.prefill_timeout_s)
             return None

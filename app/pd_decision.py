@@ -7,10 +7,10 @@ work (KV-aware, short-prompt threshold) extends :func:`decide_route` with more i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class Route(str, Enum):
+class Route(StrEnum):
     DISAGGREGATED = "disaggregated"  # prefill engine computes KV, decode engine pulls it
     AGGREGATED = "aggregated"  # one engine does both phases by design
     FALLBACK = "fallback"  # meant to disaggregate, but prefill failed: decode prefilled

@@ -212,14 +212,14 @@ async def run_benchmark(
         console.print(f"model [bold]{model}[/] at {cfg.target}; prompt token ids "
                       f"{space.lo}:{space.hi} ({space_source})")
 
-        async def build(seed: str) -> list[Request]:
-            requests = build_requests(cfg.workload, space, seed, traces_dir)
+        async def build(seed: str, limit: int | None = None) -> list[Request]:
+            requests = build_requests(cfg.workload, space, seed, traces_dir)[:limit]
             if cfg.prompt_format == "text":
                 await _to_text(client, requests, space, seed)
             return requests
 
         if cfg.warmup:
-            await _warmup(client, (await build(f"{cfg.seed}.warmup"))[: cfg.warmup], console)
+            await _warmup(client, await build(f"{cfg.seed}.warmup", cfg.warmup), console)
 
         points: list[dict[str, Any]] = []
         point_rows: dict[str, list[dict[str, Any]]] = {}
@@ -251,7 +251,7 @@ async def run_benchmark(
             meta = _meta(cfg, model, arrival, load_kind, point_load, seed, space, space_source,
                          hw, workload_stats(requests, cfg.cache_block), concurrency)
             result = run_result(summary, outcome.records, meta)
-            subdir = load_label(load_kind, load if load is not None else None)
+            subdir = load_label(load_kind, load)
             out = cfg.out if single else cfg.out / subdir
             write_run_outputs(out, result, plots=cfg.plots)
             console.print(_point_line(load_kind, point_load, summary))
@@ -302,7 +302,9 @@ def _meta(cfg: BenchConfig, model: str, arrival: ArrivalSpec, load_kind: str,
             "version": __version__,
             "target": cfg.target,
             "workload": cfg.workload.compact(),
-            "arrival": arrival.compact() + (f" at {load:.4g} req/s" if rate is not None else "")
+            "arrival": arrival.compact()
+            + (f" at {load:.4g} req/s" if rate is not None else "")
+            + (" (mean)" if arrival.kind == "trace" and rate is not None else "")
             + (f" at concurrency {concurrency}" if concurrency else ""),
             "load_kind": load_kind,
             "seed": seed,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
 from rich.console import Console
 
 from loadtests.metrics import SLO
@@ -85,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="compare result directories side by side")
     cmp.add_argument("dirs", nargs="+", type=Path)
     cmp.add_argument("--labels", default=None, help="comma-separated names, one per directory")
-    cmp.add_argument("--out", type=Path, default=None, help="write compare.md and plots here")
+    cmp.add_argument("--out", type=Path, default=None,
+                     help="where compare.md and plots go (default: compare/ beside the dirs)")
+    cmp.add_argument("--no-plots", dest="plots", action="store_false",
+                     help="only print the table")
     cmp.add_argument("--cdf-load", type=float, default=None,
                      help="load point for the CDF plot (default: highest common)")
 
@@ -106,12 +111,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             from loadtests.compare import run_compare
 
             labels = args.labels.split(",") if args.labels else None
-            run_compare(args.dirs, labels, args.out, args.cdf_load, Console())
+            out = args.out or default_compare_dir(args.dirs)
+            run_compare(args.dirs, labels, out if args.plots else None, args.cdf_load, Console())
             return 0
         return _describe(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
+    except httpx.HTTPError as exc:
+        console.print(f"[red]error:[/] {type(exc).__name__}: {exc} (is --target up?)")
+        return 2
+
+
+def default_compare_dir(dirs: Sequence[Path]) -> Path:
+    """``compare/`` in the deepest directory holding all of ``dirs``."""
+    return Path(os.path.commonpath([d.resolve().parent for d in dirs])) / "compare"
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:

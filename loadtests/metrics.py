@@ -17,6 +17,7 @@ attainment and goodput figure, so a server cannot look better by erroring out.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -197,6 +198,19 @@ def distserve_goodput(
     return SweepGoodput(last_pass[0], last_pass[0], "all_pass", target)
 
 
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
+_HTTP_PREFIX = re.compile(r"^HTTP \d{3}: ")
+
+
+def error_kind(message: str) -> str:
+    """Group errors that differ only in numbers (token counts, ids): ``HTTP 400: prompt has
+    2285 tokens`` -> ``HTTP 400: prompt has N tokens``; the status code is kept."""
+    if not message:
+        return "unknown error"
+    prefix = m.group(0) if (m := _HTTP_PREFIX.match(message)) else ""
+    return prefix + _NUMBER.sub("N", message[len(prefix):])
+
+
 def max_concurrency(records: Sequence[RequestRecord]) -> int:
     """Most requests in flight at once (between send and last chunk)."""
     events: list[tuple[float, int]] = []
@@ -272,5 +286,5 @@ def summarize(
     for metric in ("ttft", "tpot", "e2el"):
         if getattr(slo, f"{metric}_ms") is not None:
             out[f"{metric}_attainment"] = attainment(records, slo.only(metric))
-    out["error_counts"] = dict(Counter(r.error or "unknown error" for r in failed).most_common())
+    out["error_counts"] = dict(Counter(error_kind(r.error) for r in failed).most_common())
     return out

@@ -133,14 +133,20 @@ def wait_ready(base: str, model: str, proc: subprocess.Popen[bytes], log: Path,
 
 
 def stop_app(proc: subprocess.Popen[bytes], host: str, port: int, console: Console) -> None:
-    """Ctrl-C the ``serve run`` process group (it shuts Serve down), then escalate."""
-    for sig, grace in ((signal.SIGINT, 120), (signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+    """Ctrl-C ``serve run`` (it shuts Serve and its Ray down), then clear its process group
+    (it runs in a session of its own, so only processes it started are signalled)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace)
+            proc.wait(120)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break  # nothing left in the group
+        time.sleep(10)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
     deadline = time.monotonic() + 60
     while not _port_free(host, port) and time.monotonic() < deadline:
         time.sleep(2)

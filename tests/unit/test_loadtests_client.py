@@ -4,6 +4,7 @@ fake OpenAI server (httpx.MockTransport): no network, no vLLM."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ class FakeServer:
         if request.url.path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": "fake-model"}]})
         body = json.loads(request.content)
+        if request.url.path == "/detokenize":  # text = ids joined, like a 1:1 tokenizer
+            return httpx.Response(200, json={"prompt": " ".join(map(str, body["tokens"]))})
+        if request.url.path == "/tokenize":
+            return httpx.Response(200, json={"tokens": [int(t) for t in body["prompt"].split()]})
         self.bodies.append(body)
         prompt = body["prompt"]
         if isinstance(prompt, list) and max(prompt) >= self.vocab:
@@ -171,7 +176,7 @@ async def test_closed_loop_respects_concurrency_and_max_concurrency() -> None:
 @pytest.mark.asyncio
 async def test_bench_sweep_writes_results_reports_and_compares(tmp_path: Path) -> None:
     server = FakeServer(fail_id=None, gap=0.002)
-    console = Console(file=open(tmp_path / "console.txt", "w"), width=200)  # noqa: SIM115
+    console = Console(file=io.StringIO(), width=200)
     outs = {}
     for label in ("a", "b"):
         cfg = BenchConfig(
@@ -227,7 +232,7 @@ async def test_bench_single_trace_run_and_text_free_failures(tmp_path: Path) -> 
         out=tmp_path / "out", traces_dir=traces, token_range=None, vocab_size=None,
         progress=False, plots=False, warmup=0,
     )
-    console = Console(file=open(tmp_path / "console.txt", "w"))  # noqa: SIM115
+    console = Console(file=io.StringIO())
     result = await run_benchmark(cfg, console, transport=httpx.MockTransport(server))
     assert result["completed"] == 5 and result["input_lens"] == [32] * 5
     assert result["loadtests"]["token_range_source"] == "probed vocabulary size 4096"
@@ -237,3 +242,20 @@ async def test_bench_single_trace_run_and_text_free_failures(tmp_path: Path) -> 
     assert all(p[:16] == prompts[0][:16] for p in prompts)  # shared hash id 0
     assert (tmp_path / "out" / "results.json").is_file()
     assert (tmp_path / "out" / "report.md").is_file()
+
+
+@pytest.mark.asyncio
+async def test_text_mode_sends_strings_of_exact_length(tmp_path: Path) -> None:
+    server = FakeServer()
+    cfg = BenchConfig(
+        target="http://fake:8000", workload=parse_workload("synthetic:n=3,input=7,output=2"),
+        out=tmp_path / "text", rates=[100.0], prompt_format="text", vocab_size=4096,
+        progress=False, plots=False, warmup=0,
+    )
+    console = Console(file=io.StringIO())
+    result = await run_benchmark(cfg, console, transport=httpx.MockTransport(server))
+    streamed = [b for b in server.bodies if b.get("stream")]
+    assert len(streamed) == 3
+    assert all(isinstance(b["prompt"], str) and len(b["prompt"].split()) == 7 for b in streamed)
+    assert all(b["add_special_tokens"] is False for b in streamed)
+    assert result["input_lens"] == [7, 7, 7] and result["completed"] == 3

@@ -13,6 +13,7 @@ from loadtests.metrics import (
     attainment,
     describe,
     distserve_goodput,
+    error_kind,
     max_concurrency,
     peak_output_tokens_per_s,
     percentile,
@@ -127,6 +128,17 @@ def test_attainment_counts_failures_as_misses() -> None:
     assert (s["slo_attainment"], s["ttft_attainment"], s["tpot_attainment"]) == (0.25, 0.5, 0.5)
     assert s["request_goodput"] == 0.5
     assert s["failed"] == 1 and s["error_counts"] == {"HTTP 500: boom": 1}
+
+
+def test_error_counts_group_messages_differing_in_numbers() -> None:
+    assert error_kind("HTTP 400: prompt has 2285 tokens, limit 2048") == \
+        "HTTP 400: prompt has N tokens, limit N"
+    assert error_kind("timeout (ReadTimeout)") == "timeout (ReadTimeout)"
+    assert error_kind("") == "unknown error"
+    assert error_kind("v1.2 took 3.5 s") == "v1.2 took N s"
+    failed = [rec(ok=False, error=f"HTTP 400: prompt has {n} tokens") for n in (2100, 2300)]
+    s = summarize([*failed, rec(ok=False, error="HTTP 503: busy")], 1.0)
+    assert s["error_counts"] == {"HTTP 400: prompt has N tokens": 2, "HTTP 503: busy": 1}
 
 
 def test_distserve_goodput_is_highest_rate_before_first_miss() -> None:

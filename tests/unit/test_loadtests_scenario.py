@@ -48,6 +48,7 @@ def _fake_sweep(out: Path, label: str, ttft: float) -> None:
         point["dir"] = f"rate_{rate:g}"
         points.append(point)
     write_json(out / "sweep.json", {"kind": "sweep", "load_kind": "rate", "label": label,
+                                    "date": "20250101-000000",
                                     "loadtests": points[0]["loadtests"], "slo": points[0]["slo"],
                                     "points": points, "goodput_distserve": {
                                         "goodput": 1.0, "interpolated": 1.5, "status": "ok",

@@ -1,0 +1,112 @@
+"""Start one local Ray cluster and Serve instance per test module, bound to loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_MODEL = ROOT / "models" / "tiny-llama"
+MODEL_NAME = "tiny-llama"
+BLOCK_SIZE = 32
+MAX_MODEL_LEN = 2048
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_config(mode: str, **overrides: Any) -> dict[str, Any]:
+    """The tiny-model app: prefill on core 0, decode on core 1, quiet logs, loopback NIXL."""
+    cfg: dict[str, Any] = {
+        "model": {"path": str(TINY_MODEL), "served_model_name": MODEL_NAME},
+        "mode": mode,
+        "engine_args": {
+            "max_model_len": MAX_MODEL_LEN,
+            "block_size": BLOCK_SIZE,
+            "enforce_eager": True,
+            "kv_cache_memory_bytes": 512 * 1024 * 1024,
+        },
+        "prefill": {"cpu_cores": ["0"], "ray_actor_options": {"num_cpus": 1}},
+        "decode": {"cpu_cores": ["1"], "ray_actor_options": {"num_cpus": 1}},
+        "aggregated": {"cpu_cores": ["0"], "ray_actor_options": {"num_cpus": 1}},
+        "nixl": {"side_channel_host": "127.0.0.1"},
+        "routing": {"prefill_timeout_s": 20},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def start_serve(num_cpus: int = 4) -> int:
+    """A fresh local Ray cluster and Serve on a free loopback port; returns the port."""
+    import ray
+    from ray import serve
+
+    if not (TINY_MODEL / "config.json").exists():
+        raise RuntimeError(f"{TINY_MODEL} missing: run `make model` (make test builds it)")
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
+    ray.init(
+        num_cpus=num_cpus,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def deploy(cfg: dict[str, Any], name: str, route_prefix: str) -> None:
+    from ray import serve
+
+    from app.builder import build_app
+
+    serve.run(build_app(cfg), name=name, route_prefix=route_prefix)
+
+
+def stop_serve() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def engine_handle(app_name: str, deployment: str):
+    from ray import serve
+
+    return serve.get_deployment_handle(deployment, app_name=app_name)
+
+
+def engine_stats(app_name: str, deployment: str) -> dict[str, Any]:
+    return engine_handle(app_name, deployment).stats.remote().result(timeout_s=60)
+
+
+def client(base_url: str) -> httpx.Client:
+    return httpx.Client(base_url=base_url, timeout=httpx.Timeout(120.0))

@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from app.config import AppConfig, parse_core_spec
+
+CONFIGS = Path(__file__).resolve().parents[2] / "serve_configs"
+
+
+def _app_args(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / name).read_text())["applications"][0]["args"]
+
+
+def test_local_config_is_disaggregated_tiny_model_on_two_cores():
+    cfg = AppConfig.model_validate(_app_args("local.yaml"))
+    assert cfg.mode == "disaggregated"
+    assert cfg.model.served_model_name == "tiny-llama"
+    assert [name for name, _ in cfg.phases()] == ["prefill", "decode"]
+    assert cfg.prefill.cpu_cores == ["0"] and cfg.decode.cpu_cores == ["1"]
+
+
+def test_local_aggregated_config():
+    cfg = AppConfig.model_validate(_app_args("local_aggregated.yaml"))
+    assert cfg.mode == "aggregated"
+    assert [name for name, _ in cfg.phases()] == ["aggregated"]
+
+
+def test_engine_kwargs_layer_shared_then_phase_then_connector():
+    cfg = AppConfig.model_validate(
+        {
+            "model": {"path": "/m", "served_model_name": "m"},
+            "engine_args": {"max_model_len": 1024, "block_size": 32},
+            "decode": {"engine_args": {"max_model_len": 2048}},
+        }
+    )
+    decode = cfg.engine_kwargs("decode", "cpu")
+    assert decode["model"] == "/m" and decode["max_model_len"] == 2048
+    assert decode["block_size"] == 32
+    assert decode["kv_transfer_config"] == {
+        "kv_connector": "NixlConnector",
+        "kv_role": "kv_consumer",
+        "kv_buffer_device": "cpu",
+        "kv_load_failure_policy": "recompute",
+    }
+    prefill = cfg.engine_kwargs("prefill", "cuda")
+    assert prefill["max_model_len"] == 1024
+    assert prefill["kv_transfer_config"]["kv_role"] == "kv_producer"
+    assert "kv_load_failure_policy" not in prefill["kv_transfer_config"]
+    assert "kv_transfer_config" not in cfg.engine_kwargs("aggregated", "cpu")
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(ValidationError, match="prefil"):
+        AppConfig.model_validate({"model": {"path": "m", "served_model_name": "m"}, "prefil": {}})
+
+
+def test_engine_args_may_not_override_model_or_connector():
+    with pytest.raises(ValidationError, match="kv_transfer_config"):
+        AppConfig.model_validate(
+            {
+                "model": {"path": "m", "served_model_name": "m"},
+                "decode": {"engine_args": {"kv_transfer_config": {}}},
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    ("spec", "cores"), [("0", {0}), ("0-3", {0, 1, 2, 3}), ("0,2,4-5", {0, 2, 4, 5})]
+)
+def test_core_specs(spec, cores):
+    assert parse_core_spec(spec) == cores
+
+
+@pytest.mark.parametrize("spec", ["", "3-1", "a"])
+def test_bad_core_specs(spec):
+    with pytest.raises(ValueError):
+        parse_core_spec(spec)
+
+
+def test_bad_core_spec_fails_config_validation():
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate(
+            {"model": {"path": "m", "served_model_name": "m"}, "decode": {"cpu_cores": ["2-1"]}}
+        )

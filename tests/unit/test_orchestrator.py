@@ -1,0 +1,141 @@
+"""The P/D flow with fake engines: what reaches each engine, and which route is reported."""
+
+import asyncio
+
+import pytest
+from pydantic import BaseModel
+
+from app.engine_protocol import KIND_ERROR, KIND_JSON, KIND_STREAM, Head
+from app.orchestrator import PDOrchestrator
+from app.pd_decision import Route
+
+
+class FakeCompletion(BaseModel):
+    """The fields of vLLM's CompletionRequest the flow reads or rewrites."""
+
+    model: str | None = "m"
+    prompt: str = "hello"
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    n: int | None = 1
+    stream: bool = False
+    stream_options: dict | None = None
+    echo: bool = False
+    use_beam_search: bool = False
+    kv_transfer_params: dict | None = None
+
+
+KV = {"remote_engine_id": "p0", "remote_block_ids": [[1, 2]], "do_remote_prefill": True}
+
+
+class FakeEngine:
+    def __init__(self, once=None, stream_items=None, raises=None, delay=0.0):
+        self.once = once or Head(KIND_JSON, 200, {"kv_transfer_params": KV})
+        self.stream_items = stream_items or [Head(KIND_STREAM), "data: a\n\n", "data: [DONE]\n\n"]
+        self.raises = raises
+        self.delay = delay
+        self.requests = []
+        self.closed = False
+
+    async def call_once(self, kind, request):
+        self.requests.append(request)
+        await asyncio.sleep(self.delay)
+        if self.raises:
+            raise self.raises
+        return self.once
+
+    async def stream(self, kind, request):
+        self.requests.append(request)
+        try:
+            for item in self.stream_items:
+                yield item
+        finally:
+            self.closed = True
+
+
+async def _collect(reply):
+    return [chunk async for chunk in reply.chunks]
+
+
+async def test_disaggregated_hands_prefill_params_to_decode():
+    prefill, decode = FakeEngine(), FakeEngine()
+    reply = await PDOrchestrator("disaggregated", decode, prefill).handle(
+        "completion", FakeCompletion(stream=True, stream_options={"include_usage": True})
+    )
+    assert reply.route is Route.DISAGGREGATED
+    sent = prefill.requests[0]
+    assert sent.max_tokens == 1 and sent.stream is False and sent.stream_options is None
+    assert sent.kv_transfer_params["do_remote_decode"] is True
+    assert decode.requests[0].kv_transfer_params == KV
+    assert decode.requests[0].max_tokens == 16 and decode.requests[0].stream is True
+    assert await _collect(reply) == ["data: a\n\n", "data: [DONE]\n\n"]
+
+
+async def test_client_cannot_inject_kv_transfer_params():
+    prefill, decode = FakeEngine(), FakeEngine()
+    evil = {"do_remote_prefill": True, "remote_engine_id": "someone-else"}
+    await PDOrchestrator("disaggregated", decode, prefill).handle(
+        "completion", FakeCompletion(kv_transfer_params=evil)
+    )
+    assert prefill.requests[0].kv_transfer_params["do_remote_decode"] is True
+    assert decode.requests[0].kv_transfer_params == KV
+
+
+@pytest.mark.parametrize(
+    "prefill",
+    [
+        FakeEngine(raises=RuntimeError("replica died")),
+        FakeEngine(once=Head(KIND_ERROR, 500, {"error": {"message": "boom"}})),
+        FakeEngine(once=Head(KIND_JSON, 200, {"kv_transfer_params": None})),
+    ],
+    ids=["exception", "server-error", "no-params"],
+)
+async def test_prefill_failure_falls_back_to_local_prefill(prefill):
+    decode = FakeEngine()
+    reply = await PDOrchestrator("disaggregated", decode, prefill).handle(
+        "completion", FakeCompletion()
+    )
+    assert reply.route is Route.FALLBACK
+    assert decode.requests[0].kv_transfer_params is None
+
+
+async def test_prefill_timeout_falls_back():
+    prefill, decode = FakeEngine(delay=5.0), FakeEngine()
+    orch = PDOrchestrator("disaggregated", decode, prefill, prefill_timeout_s=0.05)
+    reply = await orch.handle("completion", FakeCompletion())
+    assert reply.route is Route.FALLBACK
+    assert len(decode.requests) == 1
+
+
+async def test_client_error_from_prefill_is_returned_not_retried():
+    err = Head(KIND_ERROR, 400, {"error": {"message": "prompt too long", "code": 400}})
+    prefill, decode = FakeEngine(once=err), FakeEngine()
+    reply = await PDOrchestrator("disaggregated", decode, prefill).handle(
+        "completion", FakeCompletion()
+    )
+    assert reply.head is err and reply.chunks is None
+    assert decode.requests == []
+
+
+async def test_multi_sequence_requests_skip_prefill():
+    prefill, decode = FakeEngine(), FakeEngine()
+    reply = await PDOrchestrator("disaggregated", decode, prefill).handle(
+        "completion", FakeCompletion(n=2)
+    )
+    assert reply.route is Route.AGGREGATED
+    assert prefill.requests == []
+
+
+async def test_aggregated_mode_uses_decode_engine_only():
+    decode = FakeEngine()
+    reply = await PDOrchestrator("aggregated", decode).handle("completion", FakeCompletion())
+    assert reply.route is Route.AGGREGATED
+    assert decode.requests[0].kv_transfer_params is None
+
+
+async def test_non_stream_reply_closes_engine_stream():
+    body = Head(KIND_JSON, 200, {"choices": []})
+    decode = FakeEngine(stream_items=[body])
+    reply = await PDOrchestrator("aggregated", decode).handle("completion", FakeCompletion())
+    assert reply.head is body and reply.chunks is None
+    assert decode.closed
