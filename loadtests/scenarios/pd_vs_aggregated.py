@@ -15,12 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -28,7 +24,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 from rich.console import Console
 
@@ -37,6 +32,13 @@ from loadtests.compare import compare_markdown, compare_plots, load_result_dir
 from loadtests.envinfo import hardware, hardware_line
 from loadtests.mdsection import update_file
 from loadtests.metrics import SLO
+from loadtests.servers import (
+    port_free,
+    serve_run_command,
+    start_logged,
+    stop_process_group,
+    wait_ready,
+)
 from loadtests.spec import ArrivalSpec, LengthDist, SyntheticSpec, parse_rates
 from loadtests.traces import repo_root
 
@@ -87,73 +89,6 @@ def serve_config(mode: str, model_path: str, served_name: str, host: str, port: 
     }
 
 
-def launch_command(config_path: Path) -> list[str]:
-    """How the app is started (Ray's ``serve`` CLI, run with this interpreter)."""
-    return [sys.executable, "-m", "ray.serve.scripts", "run", str(config_path)]
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def wait_ready(base: str, model: str, proc: subprocess.Popen[bytes], log: Path,
-               timeout: float) -> None:
-    """Poll ``/v1/models`` until ``model`` is listed and a one-token completion succeeds."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    with httpx.Client(base_url=base, timeout=30, trust_env=False) as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the app exited ({proc.returncode}); log tail:\n{_tail(log)}")
-            try:
-                models = [m["id"] for m in http.get("/v1/models").json().get("data", [])]
-                if model in models:
-                    resp = http.post("/v1/completions", json={
-                        "model": model, "prompt": "hello", "max_tokens": 2})
-                    if resp.status_code == 200:
-                        return
-                    last = f"HTTP {resp.status_code}: {resp.text[:200]}"
-            except (httpx.HTTPError, ValueError) as exc:
-                last = type(exc).__name__
-            time.sleep(3)
-    raise TimeoutError(f"app not ready after {timeout:.0f} s ({last}); log tail:\n{_tail(log)}")
-
-
-def stop_app(proc: subprocess.Popen[bytes], host: str, port: int, console: Console) -> None:
-    """Ctrl-C ``serve run`` (it shuts Serve and its Ray down), then clear its process group
-    (it runs in a session of its own, so only processes it started are signalled)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(120)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break  # nothing left in the group
-        time.sleep(10)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(10)
-    deadline = time.monotonic() + 60
-    while not _port_free(host, port) and time.monotonic() < deadline:
-        time.sleep(2)
-    time.sleep(5)  # let Ray's workers exit before the next mode takes the cores
-    console.print(f"app stopped (exit {proc.returncode})")
-
-
 def _workload(args: argparse.Namespace) -> SyntheticSpec:
     return SyntheticSpec(n=args.n, input=LengthDist(a=args.input_len),
                          output=LengthDist(a=args.output_len))
@@ -167,16 +102,14 @@ def run_mode(mode: str, args: argparse.Namespace, command: str, console: Console
         serve_config(mode, args.model_path, args.served_model_name, args.host, args.port,
                      args.max_model_len),
         sort_keys=False))
-    if not _port_free(args.host, args.port):
+    if not port_free(args.host, args.port):
         raise RuntimeError(f"{args.host}:{args.port} is in use; stop whatever serves there")
     log = out / "serve.log"
     env = dict(os.environ)
     root = str(repo_root())
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     console.rule(f"{mode}: starting the app ({config_path})")
-    with log.open("wb") as log_fh:
-        proc = subprocess.Popen(launch_command(config_path), cwd=root, env=env, stdout=log_fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_logged(serve_run_command(config_path), log, cwd=root, env=env)
     base = f"http://{args.host}:{args.port}"
     try:
         t0 = time.monotonic()
@@ -191,7 +124,8 @@ def run_mode(mode: str, args: argparse.Namespace, command: str, console: Console
         )
         asyncio.run(run_benchmark(cfg, console))
     finally:
-        stop_app(proc, args.host, args.port, console)
+        stop_process_group(proc, args.host, args.port)
+        console.print(f"app stopped (exit {proc.returncode})")
     return out / "results"
 
 

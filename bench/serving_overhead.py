@@ -1,0 +1,322 @@
+"""What does the serving path cost? TTFT and TPOT of four setups, measured in one run.
+
+1. ``plain``: one plain vLLM OpenAI server (the floor), engine on core 0;
+2. ``aggregated``: this project's app, ``mode: aggregated``, engine on core 0;
+3. ``disaggregated``: this project's app, prefill on core 0, decode on core 1, KV over NIXL;
+4. ``plain-pd``: two plain vLLM servers with NixlConnector (cores 0 and 1); the client itself
+   sends the prefill request, then the decode request with the returned ``kv_transfer_params``.
+
+Same model, engine settings, prompts (random token ids, unique per request so no prefix-cache
+hits) and output lengths for all; concurrency 1 and 4 (closed loop). Writes its section of
+``docs/BENCHMARKS.md`` with the command and checks the targets of issue 2 as ratios::
+
+    python bench/serving_overhead.py            # ~6 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loadtests.envinfo import hardware, hardware_line  # noqa: E402
+from loadtests.mdsection import update_file  # noqa: E402
+from loadtests.metrics import percentile  # noqa: E402
+from loadtests.servers import (  # noqa: E402
+    free_port,
+    serve_run_command,
+    start_logged,
+    stop_process_group,
+    wait_ready,
+)
+
+SECTION = "bench:serving_overhead"
+SETUPS = ("plain", "aggregated", "disaggregated", "plain-pd")
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Sample:
+    ttft: float
+    tpot: float | None
+
+
+@dataclass
+class Result:
+    setup: str
+    concurrency: int
+    samples: list[Sample] = field(default_factory=list)
+    errors: int = 0
+
+    def stat(self, name: str, p: float) -> float | None:
+        values = [getattr(s, name) for s in self.samples if getattr(s, name) is not None]
+        v = percentile(values, p)
+        return None if v is None else v * 1000.0
+
+
+# --- the load --------------------------------------------------------------------------------
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Skip the low ids (special tokens) so every prompt is ordinary text.
+    return [[rng.randrange(16, vocab) for _ in range(length)] for _ in range(n)]
+
+
+async def stream_completion(http: httpx.AsyncClient, url: str, body: dict, t0: float) -> Sample:
+    """POST a streaming completion; TTFT from ``t0`` to the first token-bearing event."""
+    first = None
+    tokens = 0
+    async with http.stream("POST", url, json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            got = sum(len(c.get("token_ids") or []) for c in event.get("choices", []))
+            if got:
+                tokens += got
+                if first is None:
+                    first = time.perf_counter()
+    end = time.perf_counter()
+    if first is None:
+        raise RuntimeError("no tokens streamed")
+    tpot = (end - first) / (tokens - 1) if tokens > 1 else None
+    return Sample(first - t0, tpot)
+
+
+async def one_request(http, setup: str, urls: dict[str, str], body: dict) -> Sample:
+    t0 = time.perf_counter()
+    if setup != "plain-pd":
+        return await stream_completion(http, urls["main"] + "/v1/completions", body, t0)
+    prefill = {
+        **body,
+        "max_tokens": 1,
+        "stream": False,
+        "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False},
+    }
+    r = await http.post(urls["prefill"] + "/v1/completions", json=prefill)
+    r.raise_for_status()
+    decode = {**body, "kv_transfer_params": r.json()["kv_transfer_params"]}
+    return await stream_completion(http, urls["decode"] + "/v1/completions", decode, t0)
+
+
+async def run_closed_loop(setup: str, urls: dict[str, str], model: str, prompts, concurrency: int,
+                          output_len: int) -> Result:
+    result = Result(setup, concurrency)
+    queue = list(prompts)
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=300, limits=limits, trust_env=False) as http:
+
+        async def worker():
+            while queue:
+                prompt = queue.pop()
+                body = {"model": model, "prompt": prompt, "max_tokens": output_len,
+                        "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+                try:
+                    result.samples.append(await one_request(http, setup, urls, body))
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    result.errors += 1
+                    print(f"  {setup}: request failed: {exc}", file=sys.stderr)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return result
+
+
+# --- the servers ------------------------------------------------------------------------------
+
+
+def engine_settings(args) -> dict[str, Any]:
+    return {"max_model_len": args.max_model_len, "block_size": 32, "enforce_eager": True,
+            "kv_cache_memory_bytes": 1 << 30}
+
+
+def vllm_server_command(args, port: int, core: int, kv_config: dict | None) -> list[str]:
+    cmd = ["taskset", "-c", str(core), sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+           "--model", str(ROOT / args.model_path), "--served-model-name", args.model_name,
+           "--host", HOST, "--port", str(port), "--max-model-len", str(args.max_model_len),
+           "--block-size", "32", "--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30),
+           "--disable-log-stats", "--uvicorn-log-level", "warning"]
+    if kv_config:
+        cmd += ["--kv-transfer-config", json.dumps(kv_config)]
+    return cmd
+
+
+def app_serve_config(args, mode: str, port: int) -> dict[str, Any]:
+    app_args = {
+        "model": {"path": str(ROOT / args.model_path), "served_model_name": args.model_name},
+        "mode": mode,
+        "engine_args": engine_settings(args),
+        "aggregated": {"cpu_cores": ["0"]},
+        "prefill": {"cpu_cores": ["0"]},
+        "decode": {"cpu_cores": ["1"]},
+        "nixl": {"side_channel_host": HOST, "progress_delay_us": args.nixl_delay_us},
+    }
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": HOST, "port": port},
+        "logging_config": {"log_level": "WARNING", "enable_access_log": False},
+        "applications": [{"name": "pd", "route_prefix": "/",
+                          "import_path": "app.builder:build_app", "args": app_args}],
+    }
+
+
+def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
+    """Start the servers of one setup; returns (processes with ports, urls)."""
+    env = {**os.environ, "VLLM_HOST_IP": HOST, "VLLM_NIXL_SIDE_CHANNEL_HOST": HOST,
+           "PD_NIXL_PROGRESS_DELAY_US": str(args.nixl_delay_us), "VLLM_LOGGING_LEVEL": "ERROR"}
+    procs, urls = [], {}
+    if setup in ("aggregated", "disaggregated"):
+        port = free_port()
+        cfg_path = workdir / f"{setup}.yaml"
+        cfg_path.write_text(yaml.safe_dump(app_serve_config(args, setup, port), sort_keys=False))
+        proc = start_logged(serve_run_command(cfg_path), workdir / f"{setup}.log", ROOT, env)
+        procs.append((proc, port, workdir / f"{setup}.log"))
+        urls["main"] = f"http://{HOST}:{port}"
+    elif setup == "plain":
+        port = free_port()
+        proc = start_logged(vllm_server_command(args, port, 0, None), workdir / "plain.log",
+                            ROOT, {**env, "VLLM_CPU_OMP_THREADS_BIND": "0"})
+        procs.append((proc, port, workdir / "plain.log"))
+        urls["main"] = f"http://{HOST}:{port}"
+    else:
+        for role, core in (("prefill", 0), ("decode", 1)):
+            port = free_port()
+            kv = {"kv_connector": "NixlConnector", "kv_buffer_device": "cpu",
+                  "kv_role": "kv_producer" if role == "prefill" else "kv_consumer"}
+            role_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": str(core),
+                        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())}
+            log = workdir / f"plain-pd-{role}.log"
+            proc = start_logged(vllm_server_command(args, port, core, kv), log, ROOT, role_env)
+            procs.append((proc, port, log))
+            urls[role] = f"http://{HOST}:{port}"
+    for (proc, _port, log), url in zip(procs, urls.values(), strict=True):
+        wait_ready(url, args.model_name, proc, log, args.startup_timeout)
+    return procs, urls
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def checks(results: dict[tuple[str, int], Result]) -> list[tuple[str, str, bool]]:
+    def p50(setup, name):
+        return results[(setup, 1)].stat(name, 50)
+
+    rows = []
+    a, p = p50("aggregated", "ttft"), p50("plain", "ttft")
+    rows.append(("aggregated TTFT p50 ≤ plain + 5 ms", f"{fmt(a)} vs {fmt(p)} + 5", a <= p + 5))
+    d, h = p50("disaggregated", "ttft"), p50("plain-pd", "ttft")
+    rows.append(("disaggregated TTFT p50 ≤ plain P/D + 10 ms", f"{fmt(d)} vs {fmt(h)} + 10",
+                 d <= h + 10))
+    for c in (1, 4):
+        dt = results[("disaggregated", c)].stat("tpot", 50)
+        at = results[("aggregated", c)].stat("tpot", 50)
+        rows.append((f"disaggregated TPOT p50 ≤ 1.2 × aggregated (concurrency {c})",
+                     f"{fmt(dt)} vs 1.2 × {fmt(at)} = {fmt(1.2 * at)}", dt <= 1.2 * at))
+    return rows
+
+
+def markdown(args, command: str, results: dict[tuple[str, int], Result]) -> str:
+    hw = hardware()
+    lines = [
+        "## Serving-path overhead: plain vLLM vs this app (issue 2)",
+        "",
+        f"Generated by `bench/serving_overhead.py` on {datetime.now():%Y-%m-%d %H:%M} "
+        f"(commit `{hw.get('git_commit') or '?'}`).",
+        "",
+        f"- Command: `{command}`",
+        f"- Hardware: {hardware_line(hw)}",
+        f"- Model: `{args.model_path}`; prompts of {args.input_len} random token ids (unique, "
+        f"no prefix-cache hits), {args.output_len} output tokens (`ignore_eos`), greedy; "
+        f"{args.requests} requests per point after {args.warmup} warm-up; closed loop.",
+        "- Engines: vLLM-CPU, `enforce_eager`, block size 32, 1 GiB KV cache; a single engine "
+        "on core 0; P/D: prefill on core 0, decode on core 1, NixlConnector over UCX, NIXL "
+        f"progress delay {args.nixl_delay_us} µs (same setting for plain P/D).",
+        "",
+        "| setup | conc | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | ok | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (setup, conc), r in results.items():
+        lines.append(
+            f"| {setup} | {conc} | {fmt(r.stat('ttft', 50))} | {fmt(r.stat('ttft', 99))} | "
+            f"{fmt(r.stat('tpot', 50))} | {fmt(r.stat('tpot', 99))} | {len(r.samples)} | "
+            f"{r.errors} |")
+    lines += ["", "Targets (ratios within this run):", ""]
+    for name, detail, ok in checks(results):
+        lines.append(f"- {'✅' if ok else '❌'} {name}: {detail}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-path", default="models/tiny-llama")
+    parser.add_argument("--model-name", default="tiny-llama")
+    parser.add_argument("--input-len", type=int, default=200)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--nixl-delay-us", type=int, default=100)
+    parser.add_argument("--setups", default=",".join(SETUPS))
+    parser.add_argument("--startup-timeout", type=float, default=600)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    parser.add_argument("--no-docs", action="store_true", help="print only")
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
+    command = shlex.join(["python", "bench/serving_overhead.py", *raw])
+    vocab = json.loads((ROOT / args.model_path / "config.json").read_text())["vocab_size"]
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    setups = args.setups.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[tuple[str, int], Result] = {}
+    for setup in setups:
+        print(f"== {setup}: starting", file=sys.stderr, flush=True)
+        procs, urls = start_setup(setup, args, args.out)
+        try:
+            for c in concurrencies:
+                # Same prompts for every setup at a given concurrency; seeds differ per point.
+                prompts = make_prompts(args.requests + args.warmup, args.input_len, vocab,
+                                       seed=1000 * c)
+                asyncio.run(run_closed_loop(setup, urls, args.model_name,
+                                            prompts[: args.warmup], 1, args.output_len))
+                r = asyncio.run(run_closed_loop(setup, urls, args.model_name,
+                                                prompts[args.warmup:], c, args.output_len))
+                results[(setup, c)] = r
+                print(f"   {setup} c={c}: TTFT p50 {fmt(r.stat('ttft', 50))} ms, TPOT p50 "
+                      f"{fmt(r.stat('tpot', 50))} ms, errors {r.errors}", file=sys.stderr,
+                      flush=True)
+        finally:
+            for proc, port, _ in procs:
+                stop_process_group(proc, HOST, port, grace_s=60)
+    text = markdown(args, command, results)
+    print(text)
+    if not args.no_docs and set(setups) == set(SETUPS):
+        update_file(args.docs, SECTION, text)
+        print(f"wrote section {SECTION} of {args.docs}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

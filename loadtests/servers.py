@@ -1,0 +1,105 @@
+"""Servers under test as child processes: start with a log, wait until they answer, stop.
+
+Each server runs in a process session of its own, so stopping it signals exactly what it
+started (Ray's workers, vLLM's engine processes) and nothing else on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+
+def serve_run_command(config_path: Path) -> list[str]:
+    """Ray's ``serve run`` CLI, run with this interpreter."""
+    return [sys.executable, "-m", "ray.serve.scripts", "run", str(config_path)]
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def start_logged(
+    command: Sequence[str], log: Path, cwd: str | Path | None = None, env: dict | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``command`` in a new session with stdout and stderr going to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as log_fh:
+        return subprocess.Popen(list(command), cwd=cwd, env=env, stdout=log_fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(base: str, model: str, proc: subprocess.Popen[bytes], log: Path,
+               timeout: float) -> None:
+    """Poll ``/v1/models`` until ``model`` is listed and a two-token completion succeeds."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    with httpx.Client(base_url=base, timeout=30, trust_env=False) as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"the server exited ({proc.returncode}); log tail:\n{log_tail(log)}")
+            try:
+                models = [m["id"] for m in http.get("/v1/models").json().get("data", [])]
+                if model in models:
+                    resp = http.post("/v1/completions", json={
+                        "model": model, "prompt": "hello", "max_tokens": 2})
+                    if resp.status_code == 200:
+                        return
+                    last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+            except (httpx.HTTPError, ValueError) as exc:
+                last = type(exc).__name__
+            time.sleep(2)
+    raise TimeoutError(f"server not ready after {timeout:.0f} s ({last}); log tail:\n"
+                       f"{log_tail(log)}")
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], host: str | None = None,
+                       port: int | None = None, grace_s: float = 120) -> None:
+    """Ctrl-C the server (``serve run`` then shuts Serve and its Ray down), then clear its
+    process group, then wait for its port to be free again."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace_s)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break  # nothing left in the group
+        time.sleep(5)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+    if host and port:
+        deadline = time.monotonic() + 60
+        while not port_free(host, port) and time.monotonic() < deadline:
+            time.sleep(1)
+    time.sleep(3)  # let workers exit before the next server takes the cores
