@@ -4,7 +4,9 @@
 2. ``aggregated``: this project's app, ``mode: aggregated``, engine on core 0;
 3. ``disaggregated``: this project's app, prefill on core 0, decode on core 1, KV over NIXL;
 4. ``plain-pd``: two plain vLLM servers with NixlConnector (cores 0 and 1); the client itself
-   sends the prefill request, then the decode request with the returned ``kv_transfer_params``.
+   sends the prefill request, then the decode request with the returned ``kv_transfer_params``;
+5. ``disaggregated-nixl-spin``: 3 with NIXL's own 0 µs progress delay (busy polling), to show
+   what ``nixl.progress_delay_us`` buys.
 
 Same model, engine settings, prompts (random token ids, unique per request so no prefix-cache
 hits) and output lengths for all; concurrency 1 and 4 (closed loop). Writes its section of
@@ -46,7 +48,7 @@ from loadtests.servers import (  # noqa: E402
 )
 
 SECTION = "bench:serving_overhead"
-SETUPS = ("plain", "aggregated", "disaggregated", "plain-pd")
+SETUPS = ("plain", "aggregated", "disaggregated", "plain-pd", "disaggregated-nixl-spin")
 HOST = "127.0.0.1"
 
 
@@ -158,7 +160,7 @@ def vllm_server_command(args, port: int, core: int, kv_config: dict | None) -> l
     return cmd
 
 
-def app_serve_config(args, mode: str, port: int) -> dict[str, Any]:
+def app_serve_config(args, mode: str, port: int, nixl_delay_us: int) -> dict[str, Any]:
     app_args = {
         "model": {"path": str(ROOT / args.model_path), "served_model_name": args.model_name},
         "mode": mode,
@@ -166,7 +168,7 @@ def app_serve_config(args, mode: str, port: int) -> dict[str, Any]:
         "aggregated": {"cpu_cores": ["0"]},
         "prefill": {"cpu_cores": ["0"]},
         "decode": {"cpu_cores": ["1"]},
-        "nixl": {"side_channel_host": HOST, "progress_delay_us": args.nixl_delay_us},
+        "nixl": {"side_channel_host": HOST, "progress_delay_us": nixl_delay_us},
     }
     return {
         "proxy_location": "HeadOnly",
@@ -182,10 +184,13 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
     env = {**os.environ, "VLLM_HOST_IP": HOST, "VLLM_NIXL_SIDE_CHANNEL_HOST": HOST,
            "PD_NIXL_PROGRESS_DELAY_US": str(args.nixl_delay_us), "VLLM_LOGGING_LEVEL": "ERROR"}
     procs, urls = [], {}
-    if setup in ("aggregated", "disaggregated"):
+    if setup in ("aggregated", "disaggregated", "disaggregated-nixl-spin"):
         port = free_port()
+        mode = "aggregated" if setup == "aggregated" else "disaggregated"
+        delay = 0 if setup.endswith("spin") else args.nixl_delay_us
         cfg_path = workdir / f"{setup}.yaml"
-        cfg_path.write_text(yaml.safe_dump(app_serve_config(args, setup, port), sort_keys=False))
+        cfg_path.write_text(
+            yaml.safe_dump(app_serve_config(args, mode, port, delay), sort_keys=False))
         proc = start_logged(serve_run_command(cfg_path), workdir / f"{setup}.log", ROOT, env)
         procs.append((proc, port, workdir / f"{setup}.log"))
         urls["main"] = f"http://{HOST}:{port}"
@@ -233,6 +238,14 @@ def checks(results: dict[tuple[str, int], Result]) -> list[tuple[str, str, bool]
         at = results[("aggregated", c)].stat("tpot", 50)
         rows.append((f"disaggregated TPOT p50 ≤ 1.2 × aggregated (concurrency {c})",
                      f"{fmt(dt)} vs 1.2 × {fmt(at)} = {fmt(1.2 * at)}", dt <= 1.2 * at))
+    spin = results.get(("disaggregated-nixl-spin", 1))
+    if spin is not None:
+        for c in (1, 4):
+            fixed = results[("disaggregated", c)].stat("tpot", 50)
+            spun = results[("disaggregated-nixl-spin", c)].stat("tpot", 50)
+            rows.append((f"NIXL progress delay lowers disaggregated TPOT p50 (concurrency {c})",
+                         f"{fmt(fixed)} with the delay vs {fmt(spun)} busy-polling",
+                         fixed < spun))
     return rows
 
 
