@@ -66,6 +66,16 @@ class NixlConfig(_Strict):
     kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
 
 
+class EngineProcessConfig(_Strict):
+    shm_busy_loop_s: float | None = Field(
+        None,
+        gt=0,  # measured: 0 hangs engine start-up (a notification is missed)
+        description="How long vLLM's engine-core/worker queue readers spin after a message "
+        "before sleeping (vLLM: 1 s). On small CPU hosts where engines are pinned to every "
+        "core, spinning starves the serving processes; 0.002 frees them. None = vLLM's.",
+    )
+
+
 class IngressConfig(_Strict):
     num_replicas: int = Field(1, ge=1)
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
@@ -88,6 +98,7 @@ class AppConfig(_Strict):
     decode: PhaseConfig = Field(default_factory=PhaseConfig)
     aggregated: PhaseConfig = Field(default_factory=PhaseConfig)
     nixl: NixlConfig = Field(default_factory=NixlConfig)
+    engine_process: EngineProcessConfig = Field(default_factory=EngineProcessConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     log_level: str = Field("ERROR", description="vLLM log level inside engine replicas.")

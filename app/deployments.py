@@ -18,7 +18,7 @@ from ray import serve
 from app.config import AppConfig, PhaseConfig, parse_core_spec
 from app.cpu_pinning import describe_affinity, engine_pids, pin_process_tree
 from app.engine_host import EngineHost
-from app.engine_process import NIXL_DELAY_ENV, setup_engine_process
+from app.engine_process import NIXL_DELAY_ENV, SHM_BUSY_LOOP_ENV, setup_engine_process
 from app.engine_protocol import Head
 
 log = logging.getLogger("ray.serve")
@@ -63,6 +63,8 @@ class EngineServer:
         env = os.environ
         env.setdefault("VLLM_LOGGING_LEVEL", cfg.log_level)
         env[NIXL_DELAY_ENV] = str(cfg.nixl.progress_delay_us)
+        if cfg.engine_process.shm_busy_loop_s is not None:
+            env[SHM_BUSY_LOOP_ENV] = str(cfg.engine_process.shm_busy_loop_s)
         if cfg.nixl.side_channel_host:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = cfg.nixl.side_channel_host
             env.setdefault("VLLM_HOST_IP", cfg.nixl.side_channel_host)

@@ -23,6 +23,7 @@ import types
 log = logging.getLogger(__name__)
 
 NIXL_DELAY_ENV = "PD_NIXL_PROGRESS_DELAY_US"
+SHM_BUSY_LOOP_ENV = "PD_SHM_BUSY_LOOP_S"
 _SYS_ARCH_PRCTL = 158
 _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
@@ -65,9 +66,31 @@ def patch_nixl_progress_delay(delay_us: int) -> bool:
     return True
 
 
+def patch_shm_busy_loop(seconds: float) -> bool:
+    """Make vLLM's shared-memory queue readers created from now on spin at most ``seconds``."""
+    try:
+        from vllm.distributed.device_communicators import shm_broadcast
+    except Exception:  # noqa: BLE001 - not a vLLM process
+        return False
+    cls = shm_broadcast.SpinCondition
+    if getattr(cls, "_pd_serve_busy_loop_s", None) is not None:
+        return True
+    original_init = cls.__init__
+
+    def init(self, is_reader, context, notify_address, busy_loop_s: float = 1):
+        original_init(self, is_reader, context, notify_address, busy_loop_s=seconds)
+
+    cls.__init__ = init
+    cls._pd_serve_busy_loop_s = seconds
+    return True
+
+
 def setup_engine_process() -> None:
     """vLLM general-plugin hook: idempotent, cheap, safe in any process."""
     request_amx_permission()
     delay = os.environ.get(NIXL_DELAY_ENV)
     if delay:
         patch_nixl_progress_delay(int(delay))
+    busy = os.environ.get(SHM_BUSY_LOOP_ENV)
+    if busy:
+        patch_shm_busy_loop(float(busy))

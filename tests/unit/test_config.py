@@ -84,3 +84,14 @@ def test_bad_core_spec_fails_config_validation():
         AppConfig.model_validate(
             {"model": {"path": "m", "served_model_name": "m"}, "decode": {"cpu_cores": ["2-1"]}}
         )
+
+
+def test_zero_shm_busy_loop_is_rejected():
+    """0 was measured to hang engine start-up; the config refuses it."""
+    with pytest.raises(ValidationError, match="shm_busy_loop_s"):
+        AppConfig.model_validate(
+            {
+                "model": {"path": "m", "served_model_name": "m"},
+                "engine_process": {"shm_busy_loop_s": 0},
+            }
+        )

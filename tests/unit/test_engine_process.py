@@ -61,3 +61,42 @@ def test_plugin_leaves_nixl_alone_without_setting(monkeypatch):
 
 def test_amx_request_never_raises():
     assert engine_process.request_amx_permission() in (True, False)
+
+
+def _fake_shm(monkeypatch):
+    seen = []
+
+    class SpinCondition:
+        def __init__(self, is_reader, context, notify_address, busy_loop_s: float = 1):
+            seen.append(busy_loop_s)
+
+    shm = types.ModuleType("vllm.distributed.device_communicators.shm_broadcast")
+    shm.SpinCondition = SpinCondition
+    comms = types.ModuleType("vllm.distributed.device_communicators")
+    comms.shm_broadcast = shm
+    for name, mod in (
+        ("vllm", types.ModuleType("vllm")),
+        ("vllm.distributed", types.ModuleType("vllm.distributed")),
+        ("vllm.distributed.device_communicators", comms),
+        ("vllm.distributed.device_communicators.shm_broadcast", shm),
+    ):
+        monkeypatch.setitem(sys.modules, name, mod)
+    sys.modules["vllm.distributed"].device_communicators = comms
+    return SpinCondition, seen
+
+
+def test_shm_busy_loop_patch_shortens_reader_spin(monkeypatch):
+    spin_condition, seen = _fake_shm(monkeypatch)
+    monkeypatch.setenv(engine_process.SHM_BUSY_LOOP_ENV, "0.002")
+    engine_process.setup_engine_process()
+    spin_condition(True, None, "ipc://x")
+    spin_condition(False, None, "ipc://y", busy_loop_s=1)
+    assert seen == [0.002, 0.002]
+
+
+def test_shm_busy_loop_untouched_without_setting(monkeypatch):
+    spin_condition, seen = _fake_shm(monkeypatch)
+    monkeypatch.delenv(engine_process.SHM_BUSY_LOOP_ENV, raising=False)
+    engine_process.setup_engine_process()
+    spin_condition(True, None, "ipc://x")
+    assert seen == [1]
