@@ -46,9 +46,7 @@ def plot_latency_cdfs(series: Mapping[str, Mapping[str, Sequence[float]]], path:
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle("Latency CDFs")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return path
 
 
@@ -76,11 +74,8 @@ def plot_latency_vs_load(
         ax.set_title(f"{metric.upper()} vs {load_name}")
         ax.set_xlabel(_load_axis(load_name))
         ax.set_ylabel("ms")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _style(ax)
+    _save(plt, fig, path)
     return path
 
 
@@ -111,11 +106,8 @@ def plot_attainment_vs_load(
     ax.set_xlabel(_load_axis(load_name))
     ax.set_ylabel("% of requests meeting SLO")
     ax.set_title(f"SLO attainment ({slo_text})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _style(ax)
+    _save(plt, fig, path)
     return path
 
 
@@ -136,12 +128,20 @@ def plot_timeline(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     ax.set_xlabel("send time (s since start)")
     ax.set_ylabel("ms")
     ax.set_title("Per-request latency over the run")
+    _style(ax)
+    _save(plt, fig, path)
+    return path
+
+
+def _style(ax: Any) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
 
 
 def _load_axis(load_name: str) -> str:
