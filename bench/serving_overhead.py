@@ -12,7 +12,7 @@ Same model, engine settings, prompts (random token ids, unique per request so no
 hits) and output lengths for all; concurrency 1 and 4 (closed loop). Writes its section of
 ``docs/BENCHMARKS.md`` with the command and checks the targets of issue 2 as ratios::
 
-    python bench/serving_overhead.py            # ~6 minutes on 2 cores
+    python bench/serving_overhead.py            # ~9 minutes on 2 cores
 """
 
 from __future__ import annotations
