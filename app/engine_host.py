@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import Any
 
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
 from app.engine_protocol import KIND_ERROR, KIND_JSON, KIND_STREAM, Head
 from app.engine_stats import EngineStatsCollector
 from app.openai_errors import error_body
@@ -84,10 +86,10 @@ class EngineHost:
             err = serving.create_error_response(exc)
             yield Head(KIND_ERROR, err.error.code, err.model_dump())
             return
-        if hasattr(result, "error") and not hasattr(result, "choices"):
+        if isinstance(result, ErrorResponse):
             yield Head(KIND_ERROR, result.error.code, result.model_dump())
             return
-        if not hasattr(result, "__aiter__"):
+        if not hasattr(result, "__aiter__"):  # a whole CompletionResponse/ChatCompletionResponse
             yield Head(KIND_JSON, 200, result.model_dump())
             return
         yield Head(KIND_STREAM)
