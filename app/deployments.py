@@ -95,8 +95,8 @@ class EngineServer:
 
     def __del__(self):
         host = getattr(self, "host", None)
-        if host is not None and host.engine is not None:
-            host.engine.shutdown()
+        if host is not None:
+            host.shutdown()
 
 
 def _replica_rank() -> int:

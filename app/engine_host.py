@@ -106,7 +106,7 @@ class EngineHost:
             error_body("engine returned nothing", "InternalServerError", 500),
         )
 
-    async def shutdown(self) -> None:
+    def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None

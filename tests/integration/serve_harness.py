@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from loadtests.servers import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = ROOT / "models" / "tiny-llama"
 MODEL_NAME = "tiny-llama"
 BLOCK_SIZE = 32
 MAX_MODEL_LEN = 2048
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def app_config(mode: str, **overrides: Any) -> dict[str, Any]:

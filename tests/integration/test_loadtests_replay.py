@@ -8,15 +8,11 @@ requests are counted, not dropped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +20,7 @@ import httpx
 import pytest
 
 from loadtests.prompts import TokenSpace
+from loadtests.servers import free_port, start_logged, stop_process_group, wait_ready
 from loadtests.spec import parse_workload
 from loadtests.traces import resolve_traces_dir
 from loadtests.workloads import build_requests
@@ -38,22 +35,12 @@ STARTUP_TIMEOUT_S = 600
 MOONCAKE = "mooncake:block=32,slice=40:64,max_input=1024,max_output=16"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _tail(path: Path, n: int = 60) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-
-
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A plain vLLM-CPU OpenAI server on a free loopback port, killed afterwards."""
-    if not (MODEL / "config.json").is_file():
-        pytest.skip(f"{MODEL} missing: python -m app.tiny_model --size tiny --out {MODEL}")
-    port = _free_port()
+    """A plain vLLM-CPU OpenAI server on a free loopback port, stopped afterwards."""
+    assert (MODEL / "config.json").is_file(), (
+        f"{MODEL} missing: run `make model` (make test builds it)")
+    port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -63,30 +50,13 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         *os.environ.get("LOADTESTS_TEST_VLLM_ARGS", "").split(),
     ]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_HOST_IP="127.0.0.1")
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc = start_logged(cmd, log, cwd=REPO, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM exited with {proc.returncode}:\n{_tail(log)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/v1/models", timeout=5, trust_env=False).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM not up after {STARTUP_TIMEOUT_S} s:\n{_tail(log)}")
-            time.sleep(2)
+        wait_ready(base, SERVED, proc, log, STARTUP_TIMEOUT_S)
         yield base
     finally:
-        for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            if proc.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(grace)
+        stop_process_group(proc, grace_s=30)
 
 
 def _loadtests(*args: str) -> subprocess.CompletedProcess[str]:
