@@ -32,8 +32,9 @@ small-model: $(SMALL_MODEL_DIR)/config.json
 $(SMALL_MODEL_DIR)/config.json: app/tiny_model.py | $(STAMP)
 	$(PY) -m app.tiny_model --size small --out $(SMALL_MODEL_DIR) --force
 
+# The Ray settings of app/serve_env.py (HAProxy in front) must be set before Ray starts.
 run: setup model
-	$(VENV)/bin/serve run $(CONFIG)
+	env $$($(PY) -m app.serve_env --local) $(VENV)/bin/serve run $(CONFIG)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -12,7 +12,6 @@ from ray.serve import Application
 
 from app.config import AppConfig, PhaseConfig
 from app.deployments import AggregatedServer, DecodeServer, PrefillServer
-from app.ingress import PDIngress
 
 
 def _engine_options(phase: PhaseConfig) -> dict[str, Any]:
@@ -32,14 +31,9 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     if local.exists():  # replicas may run elsewhere than the caller's cwd
         cfg.model.path = str(local.resolve())
     raw = cfg.model_dump()
-    ingress = PDIngress.options(
-        num_replicas=cfg.ingress.num_replicas,
-        ray_actor_options=cfg.ingress.ray_actor_options,
-        max_ongoing_requests=cfg.ingress.max_ongoing_requests,
-    )
+    # The decode (or aggregated) engine replicas are the HTTP ingress: tokens go from vLLM to
+    # the socket in-process, with no Ray hop; only the prefill leg crosses replicas.
     if cfg.mode == "aggregated":
-        engine = AggregatedServer.options(**_engine_options(cfg.aggregated)).bind(raw)
-        return ingress.bind(raw, engine)
+        return AggregatedServer.options(**_engine_options(cfg.aggregated)).bind(raw)
     prefill = PrefillServer.options(**_engine_options(cfg.prefill)).bind(raw)
-    decode = DecodeServer.options(**_engine_options(cfg.decode)).bind(raw)
-    return ingress.bind(raw, decode, prefill)
+    return DecodeServer.options(**_engine_options(cfg.decode)).bind(raw, prefill)

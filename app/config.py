@@ -76,12 +76,6 @@ class EngineProcessConfig(_Strict):
     )
 
 
-class IngressConfig(_Strict):
-    num_replicas: int = Field(1, ge=1)
-    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
-    max_ongoing_requests: int = Field(1024, ge=1)
-
-
 class RoutingConfig(_Strict):
     prefill_timeout_s: float = Field(
         60.0, gt=0, description="A prefill slower than this falls back to local prefill."
@@ -99,7 +93,6 @@ class AppConfig(_Strict):
     aggregated: PhaseConfig = Field(default_factory=PhaseConfig)
     nixl: NixlConfig = Field(default_factory=NixlConfig)
     engine_process: EngineProcessConfig = Field(default_factory=EngineProcessConfig)
-    ingress: IngressConfig = Field(default_factory=IngressConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     log_level: str = Field("ERROR", description="vLLM log level inside engine replicas.")
 

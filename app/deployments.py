@@ -9,25 +9,22 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig, PhaseConfig, parse_core_spec
 from app.cpu_pinning import describe_affinity, engine_pids, pin_process_tree
+from app.engine_clients import HandleEngineClient, LocalEngineClient
 from app.engine_host import EngineHost
 from app.engine_process import NIXL_DELAY_ENV, SHM_BUSY_LOOP_ENV, setup_engine_process
 from app.engine_protocol import Head
+from app.ingress import OpenAIFront
+from app.ports import free_port
 
 log = logging.getLogger("ray.serve")
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _kv_buffer_device(setting: str) -> str:
@@ -45,7 +42,7 @@ class EngineServer:
     role = "aggregated"
 
     async def __init__(self, config: dict[str, Any]):
-        cfg = AppConfig.model_validate(config)
+        cfg = self.cfg = AppConfig.model_validate(config)
         phase: PhaseConfig = getattr(cfg, self.role)
         rank = _replica_rank()
         self.cores = _cores_for(phase, rank)
@@ -70,7 +67,7 @@ class EngineServer:
             env.setdefault("VLLM_HOST_IP", cfg.nixl.side_channel_host)
         if self.role != "aggregated":
             host = env.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "0.0.0.0")
-            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_free_port(host))
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port(host))
         if self.cores:
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(self.cores))
         env.update(phase.env)
@@ -112,16 +109,34 @@ def _cores_for(phase: PhaseConfig, rank: int) -> set[int] | None:
     return parse_core_spec(phase.cpu_cores[rank % len(phase.cpu_cores)])
 
 
+class EngineFront(EngineServer, OpenAIFront):
+    """An engine replica that also serves HTTP: tokens go from vLLM to the socket in-process.
+
+    With a ``prefill`` handle it runs the P/D flow (its own engine decodes); without, it is
+    the aggregated server. Other replicas and tests still reach it through handles.
+    """
+
+    async def __init__(self, config: dict[str, Any], prefill: DeploymentHandle | None = None):
+        await EngineServer.__init__(self, config)
+        self._init_front(
+            self.cfg,
+            LocalEngineClient(self.host),
+            HandleEngineClient(prefill) if prefill is not None else None,
+        )
+
+
 @serve.deployment
 class PrefillServer(EngineServer):
     role = "prefill"
 
 
 @serve.deployment
-class DecodeServer(EngineServer):
+@serve.ingress()
+class DecodeServer(EngineFront):
     role = "decode"
 
 
 @serve.deployment
-class AggregatedServer(EngineServer):
+@serve.ingress()
+class AggregatedServer(EngineFront):
     role = "aggregated"

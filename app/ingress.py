@@ -10,20 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
-from ray import serve
-from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from app.config import AppConfig
-from app.engine_protocol import Head
 from app.openai_errors import error_response, validation_message
-from app.orchestrator import PDOrchestrator
+from app.orchestrator import EngineClient, PDOrchestrator
 
 log = logging.getLogger("ray.serve")
 
@@ -31,53 +27,26 @@ ROUTE_HEADER = "x-pd-route"
 HEALTH_TIMEOUT_S = 10.0
 
 
-class HandleEngineClient:
-    """An :class:`app.orchestrator.EngineClient` over a Ray Serve deployment handle."""
+class OpenAIFront:
+    """HTTP routes over a :class:`PDOrchestrator`; mixed into every class that serves HTTP.
 
-    def __init__(self, handle: DeploymentHandle):
-        self._handle = handle
-        self._stream_handle = handle.options(stream=True)
+    Subclasses call :meth:`_init_front` from their constructor, then ``@serve.ingress()``
+    builds the Starlette app from :meth:`__serve_build_asgi_app__`.
+    """
 
-    async def call_once(self, kind: str, request: Any) -> Head:
-        response = self._handle.generate_once.remote(kind, request)
-        try:
-            return await response
-        except asyncio.CancelledError:
-            response.cancel()  # timeout or client gone: the engine aborts the request
-            raise
-
-    async def stream(self, kind: str, request: Any) -> AsyncIterator[Head | str]:
-        generator = self._stream_handle.generate.remote(kind, request)
-        finished = False
-        try:
-            async for item in generator:
-                yield item
-            finished = True
-        finally:
-            if not finished:
-                generator.cancel()  # client disconnected: free the request's KV blocks
-
-
-@serve.deployment
-@serve.ingress()
-class PDIngress:
-    async def __init__(
-        self,
-        config: dict[str, Any],
-        decode: DeploymentHandle,
-        prefill: DeploymentHandle | None = None,
-    ):
+    def _init_front(self, cfg: AppConfig, decode: EngineClient,
+                    prefill: EngineClient | None = None) -> None:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-        self.cfg = AppConfig.model_validate(config)
+        self.cfg = cfg
         self._request_models = {"completion": CompletionRequest, "chat": ChatCompletionRequest}
         self._decode = decode
         self.orchestrator = PDOrchestrator(
-            mode=self.cfg.mode,
-            decode=HandleEngineClient(decode),
-            prefill=HandleEngineClient(prefill) if prefill is not None else None,
-            prefill_timeout_s=self.cfg.routing.prefill_timeout_s,
+            mode=cfg.mode,
+            decode=decode,
+            prefill=prefill,
+            prefill_timeout_s=cfg.routing.prefill_timeout_s,
         )
         self._models_body: dict[str, Any] | None = None
 
@@ -99,12 +68,12 @@ class PDIngress:
 
     async def list_models(self, request: Request) -> Response:
         if self._models_body is None:
-            self._models_body = await self._decode.models.remote()
+            self._models_body = await self._decode.models()
         return JSONResponse(self._models_body)
 
     async def health(self, request: Request) -> Response:
         try:
-            await asyncio.wait_for(self._decode.check_health.remote(), HEALTH_TIMEOUT_S)
+            await asyncio.wait_for(self._decode.check_health(), HEALTH_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
             return error_response(f"decode engine unhealthy: {exc}", "ServiceUnavailable", 503)
         return JSONResponse({"status": "ok"})
@@ -148,3 +117,4 @@ class PDIngress:
                 param="model",
             )
         return request
+

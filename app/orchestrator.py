@@ -26,6 +26,10 @@ class EngineClient(Protocol):
 
     def stream(self, kind: str, request: Any) -> AsyncIterator[Head | str]: ...
 
+    async def models(self) -> dict[str, Any]: ...
+
+    async def check_health(self) -> None: ...
+
 
 @dataclass
 class Reply:

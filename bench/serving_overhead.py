@@ -36,13 +36,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.ports import free_port  # noqa: E402
 from loadtests.envinfo import hardware, hardware_line  # noqa: E402
 from loadtests.mdsection import update_file  # noqa: E402
 from loadtests.metrics import percentile  # noqa: E402
 from loadtests.servers import (  # noqa: E402
-    free_port,
-    serve_run_command,
     start_logged,
+    start_serve_run,
     stop_process_group,
     wait_ready,
 )
@@ -194,7 +194,7 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
         cfg_path = workdir / f"{setup}.yaml"
         cfg_path.write_text(
             yaml.safe_dump(app_serve_config(args, mode, port, delay), sort_keys=False))
-        proc = start_logged(serve_run_command(cfg_path), workdir / f"{setup}.log", ROOT, env)
+        proc = start_serve_run(cfg_path, workdir / f"{setup}.log", ROOT, env)
         procs.append((proc, port, workdir / f"{setup}.log"))
         urls["main"] = f"http://{HOST}:{port}"
     elif setup == "plain":

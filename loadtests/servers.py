@@ -18,10 +18,19 @@ from pathlib import Path
 
 import httpx
 
+from app.serve_env import serve_env
+
 
 def serve_run_command(config_path: Path) -> list[str]:
     """Ray's ``serve run`` CLI, run with this interpreter."""
     return [sys.executable, "-m", "ray.serve.scripts", "run", str(config_path)]
+
+
+def start_serve_run(config_path: Path, log: Path, cwd: str | Path, env: dict[str, str]):
+    """``serve run`` the app with the Ray settings it is fastest with (``app.serve_env``),
+    HAProxy's side listeners on free ports."""
+    return start_logged(serve_run_command(config_path), log, cwd,
+                        {**env, **serve_env(local=True, isolated=True)})
 
 
 def port_free(host: str, port: int) -> bool:
@@ -32,12 +41,6 @@ def port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def log_tail(path: Path, lines: int = 40) -> str:

@@ -34,8 +34,7 @@ from loadtests.mdsection import update_file
 from loadtests.metrics import SLO
 from loadtests.servers import (
     port_free,
-    serve_run_command,
-    start_logged,
+    start_serve_run,
     stop_process_group,
     wait_ready,
 )
@@ -110,7 +109,7 @@ def run_mode(mode: str, args: argparse.Namespace, command: str, console: Console
     root = str(repo_root())
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     console.rule(f"{mode}: starting the app ({config_path})")
-    proc = start_logged(serve_run_command(config_path), log, cwd=root, env=env)
+    proc = start_serve_run(config_path, log, root, env)
     base = f"http://{args.host}:{args.port}"
     try:
         t0 = time.monotonic()

