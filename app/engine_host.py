@@ -9,14 +9,17 @@ tokenization, validation and output formatting, so our responses are byte-compat
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import Any
 
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-from app.engine_protocol import KIND_ERROR, KIND_JSON, KIND_STREAM, Head
+from app.engine_protocol import KIND_ERROR, KIND_JSON, Head, stream_after_head
 from app.engine_stats import EngineStatsCollector
 from app.openai_errors import error_body
 
@@ -92,9 +95,23 @@ class EngineHost:
         if not hasattr(result, "__aiter__"):  # a whole CompletionResponse/ChatCompletionResponse
             yield Head(KIND_JSON, 200, result.model_dump())
             return
-        yield Head(KIND_STREAM)
-        async for chunk in result:
-            yield chunk
+        release = functools.partial(self._release_remote_prefill, request)
+        async with contextlib.aclosing(stream_after_head(result, release)) as items:
+            async for item in items:
+                yield item
+
+    async def _release_remote_prefill(self, request: Any) -> None:
+        """Tell the connector that a decode request carrying remote-prefill KV will never run,
+        so the prefill engine frees those blocks now rather than when its lease expires."""
+        params = getattr(request, "kv_transfer_params", None)
+        if not params or not params.get("do_remote_prefill") or self.engine is None:
+            return
+        try:
+            await self.engine.notify_kv_transfer_request_rejected(
+                f"abandoned-{uuid.uuid4().hex}", params)
+        except Exception as exc:  # noqa: BLE001 - best effort: the lease frees them later
+            log.warning("could not release remote prefill blocks: %s: %s",
+                        type(exc).__name__, exc)
 
     async def generate_once(self, kind: str, request: Any) -> Head:
         """Non-streaming call (the prefill leg): the single Head with the full body."""

@@ -6,6 +6,7 @@ for a prompt that is too long) before it commits to a streaming 200.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,3 +20,22 @@ class Head:
     kind: str
     status: int = 200
     body: dict[str, Any] | None = None
+
+
+async def stream_after_head(
+    chunks: AsyncIterator[str], on_abandoned: Callable[[], Awaitable[None]]
+) -> AsyncIterator[Head | str]:
+    """The stream Head, then ``chunks``.
+
+    vLLM adds a streaming request to its engine only when the first chunk is asked for. A
+    consumer that leaves after the Head (client gone between prefill and decode) never starts
+    ``chunks``, so the engine never hears of the request and cannot free what it reserved
+    elsewhere (the prefill engine's blocks): ``on_abandoned`` does that instead.
+    """
+    try:
+        yield Head(KIND_STREAM)
+    except BaseException:  # GeneratorExit from aclose(), or a cancellation
+        await on_abandoned()
+        raise
+    async for chunk in chunks:
+        yield chunk

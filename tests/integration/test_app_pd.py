@@ -23,6 +23,7 @@ from tests.integration.serve_harness import (
     app_config,
     client,
     deploy,
+    engine_handle,
     engine_stats,
     start_serve,
     stop_serve,
@@ -268,6 +269,36 @@ def test_client_disconnect_frees_kv_on_both_engines(urls):
     time.sleep(2)
     after = engine_stats("pd", "DecodeServer")
     assert after["generation_tokens"] == d["generation_tokens"]
+
+
+def test_decode_abandoned_before_it_starts_frees_prefill_blocks_now(urls):
+    """Decode leg dropped right after its Head: the prefill engine must free the prompt's
+    blocks now, not when NIXL's 30 s lease expires. Through a Ray handle the replica starts
+    the engine stream eagerly, so vLLM's own abort frees them (checked: this passes without
+    ``EngineHost._release_remote_prefill``); that release covers the in-process path, where
+    nothing starts the stream, and is unit-tested in ``tests/unit/test_engine_protocol.py``."""
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from app.pd_requests import decode_request, prefill_request
+
+    idle_p = engine_stats("pd", "PrefillServer")["kv_cache_usage"]
+    request = CompletionRequest(model=MODEL_NAME, prompt=make_prompt(10, 400), max_tokens=8,
+                                stream=True)
+    head = engine_handle("pd", "PrefillServer").generate_once.remote(
+        "completion", prefill_request("completion", request)).result(timeout_s=60)
+    params = head.body["kv_transfer_params"]
+    assert params["remote_block_ids"], params
+    held = engine_stats("pd", "PrefillServer")["kv_cache_usage"]
+    assert held > idle_p, "prefill engine should hold the blocks for the decode engine"
+
+    started = time.monotonic()
+    stream = engine_handle("pd", "DecodeServer").options(stream=True).generate.remote(
+        "completion", decode_request(request, params))
+    assert next(iter(stream)).kind == "stream"
+    stream.cancel()  # leave after the Head, before asking for a token
+    wait_until(lambda: engine_stats("pd", "PrefillServer")["kv_cache_usage"] <= idle_p, 20,
+               what="prefill blocks released")
+    assert time.monotonic() - started < 20  # well inside the 30 s lease
 
 
 def test_engines_are_pinned_and_idle_engines_do_not_spin(urls):
