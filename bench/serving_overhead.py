@@ -6,7 +6,11 @@
 4. ``plain-pd``: two plain vLLM servers with NixlConnector (cores 0 and 1); the client itself
    sends the prefill request, then the decode request with the returned ``kv_transfer_params``;
 5. ``disaggregated-nixl-spin``: 3 with NIXL's own 0 µs progress delay (busy polling), to show
-   what ``nixl.progress_delay_us`` buys.
+   what ``nixl.progress_delay_us`` buys;
+6. ``aggregated-ray-proxy``: 2 without the Ray settings of ``app/serve_env.py`` (Ray's Python
+   HTTP proxy instead of HAProxy + direct ingress), to show what they buy.
+
+The app setups run with ``app/serve_env.py``'s settings unless said otherwise.
 
 Same model, engine settings, prompts (random token ids, unique per request so no prefix-cache
 hits) and output lengths for all; concurrency 1 and 4 (closed loop). Writes its section of
@@ -48,7 +52,9 @@ from loadtests.servers import (  # noqa: E402
 )
 
 SECTION = "bench:serving_overhead"
-SETUPS = ("plain", "aggregated", "disaggregated", "plain-pd", "disaggregated-nixl-spin")
+SETUPS = ("plain", "aggregated", "disaggregated", "plain-pd", "disaggregated-nixl-spin",
+          "aggregated-ray-proxy")
+APP_SETUPS = ("aggregated", "disaggregated", "disaggregated-nixl-spin", "aggregated-ray-proxy")
 HOST = "127.0.0.1"
 
 
@@ -187,14 +193,15 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
     if args.shm_busy_loop_s is not None:  # the same plugin applies it to plain servers
         env["PD_SHM_BUSY_LOOP_S"] = str(args.shm_busy_loop_s)
     procs, urls = [], {}
-    if setup in ("aggregated", "disaggregated", "disaggregated-nixl-spin"):
+    if setup in APP_SETUPS:
         port = free_port()
-        mode = "aggregated" if setup == "aggregated" else "disaggregated"
+        mode = "aggregated" if setup.startswith("aggregated") else "disaggregated"
         delay = 0 if setup.endswith("spin") else args.nixl_delay_us
         cfg_path = workdir / f"{setup}.yaml"
         cfg_path.write_text(
             yaml.safe_dump(app_serve_config(args, mode, port, delay), sort_keys=False))
-        proc = start_serve_run(cfg_path, workdir / f"{setup}.log", ROOT, env)
+        proc = start_serve_run(cfg_path, workdir / f"{setup}.log", ROOT, env,
+                               fast_ingress=not setup.endswith("ray-proxy"))
         procs.append((proc, port, workdir / f"{setup}.log"))
         urls["main"] = f"http://{HOST}:{port}"
     elif setup == "plain":
@@ -249,6 +256,12 @@ def checks(results: dict[tuple[str, int], Result]) -> list[tuple[str, str, bool]
             rows.append((f"NIXL progress delay lowers disaggregated TPOT p50 (concurrency {c})",
                          f"{fmt(fixed)} with the delay vs {fmt(spun)} busy-polling",
                          fixed < spun))
+    if ("aggregated-ray-proxy", 1) in results:
+        for c in (1, 4):
+            fast = results[("aggregated", c)].stat("ttft", 50)
+            slow = results[("aggregated-ray-proxy", c)].stat("ttft", 50)
+            rows.append((f"HAProxy + direct ingress lower aggregated TTFT p50 (concurrency {c})",
+                         f"{fmt(fast)} vs {fmt(slow)} through Ray's Python proxy", fast < slow))
     return rows
 
 
@@ -269,6 +282,9 @@ def markdown(args, command: str, results: dict[tuple[str, int], Result]) -> str:
         "on core 0; P/D: prefill on core 0, decode on core 1, NixlConnector over UCX, NIXL "
         f"progress delay {args.nixl_delay_us} µs, vLLM queue-reader spin "
         f"{args.shm_busy_loop_s} s (same settings for the plain servers).",
+        "- App topology: the decode (or aggregated) engine replica is the HTTP ingress; Ray "
+        "settings of `app/serve_env.py` (HAProxy + direct ingress) except in "
+        "`aggregated-ray-proxy`.",
         "",
         "| setup | conc | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | ok | errors |",
         "|---|---|---|---|---|---|---|---|",

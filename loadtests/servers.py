@@ -26,11 +26,12 @@ def serve_run_command(config_path: Path) -> list[str]:
     return [sys.executable, "-m", "ray.serve.scripts", "run", str(config_path)]
 
 
-def start_serve_run(config_path: Path, log: Path, cwd: str | Path, env: dict[str, str]):
-    """``serve run`` the app with the Ray settings it is fastest with (``app.serve_env``),
-    HAProxy's side listeners on free ports."""
-    return start_logged(serve_run_command(config_path), log, cwd,
-                        {**env, **serve_env(local=True, isolated=True)})
+def start_serve_run(config_path: Path, log: Path, cwd: str | Path, env: dict[str, str],
+                    fast_ingress: bool = True):
+    """``serve run`` the app; with ``fast_ingress``, with the Ray settings it is fastest with
+    (``app.serve_env``: HAProxy, its side listeners on free ports), else Ray's defaults."""
+    ray_env = serve_env(local=True, isolated=True) if fast_ingress else {}
+    return start_logged(serve_run_command(config_path), log, cwd, {**env, **ray_env})
 
 
 def port_free(host: str, port: int) -> bool:
