@@ -54,11 +54,21 @@ def log_tail(path: Path, lines: int = 40) -> str:
 def start_logged(
     command: Sequence[str], log: Path, cwd: str | Path | None = None, env: dict | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start ``command`` in a new session with stdout and stderr going to ``log``."""
+    """Start ``command`` in a new session with stdout and stderr going to ``log``.
+
+    SIGINT is reset to its default in the child: a shell's background job (CI, ``nohup``)
+    ignores it and children inherit that, and then :func:`stop_process_group`'s Ctrl-C would
+    do nothing and the server would only die by SIGTERM, skipping its clean shutdown.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as log_fh:
         return subprocess.Popen(list(command), cwd=cwd, env=env, stdout=log_fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_ready(base: str, model: str, proc: subprocess.Popen[bytes], log: Path,
