@@ -1,7 +1,10 @@
 """The NIXL progress-delay patch, against a stand-in for NIXL's compiled bindings."""
 
 import sys
+import time
 import types
+
+import zmq
 
 from app import engine_process
 
@@ -67,11 +70,18 @@ def _fake_shm(monkeypatch):
     seen = []
 
     class SpinCondition:
+        """vLLM's writer side, as in vllm 0.32: a PUB socket with SNDHWM=1, bound."""
+
         def __init__(self, is_reader, context, notify_address, busy_loop_s: float = 1):
             seen.append(busy_loop_s)
+            if not is_reader:
+                self.local_notify_socket = context.socket(zmq.PUB)
+                self.local_notify_socket.setsockopt(zmq.SNDHWM, 1)
+                self.local_notify_socket.bind(notify_address)
 
     shm = types.ModuleType("vllm.distributed.device_communicators.shm_broadcast")
     shm.SpinCondition = SpinCondition
+    shm.SHM_READER_RECHECK_INTERVAL_MS = 5000
     comms = types.ModuleType("vllm.distributed.device_communicators")
     comms.shm_broadcast = shm
     for name, mod in (
@@ -82,21 +92,40 @@ def _fake_shm(monkeypatch):
     ):
         monkeypatch.setitem(sys.modules, name, mod)
     sys.modules["vllm.distributed"].device_communicators = comms
-    return SpinCondition, seen
+    return SpinCondition, seen, shm
 
 
-def test_shm_busy_loop_patch_shortens_reader_spin(monkeypatch):
-    spin_condition, seen = _fake_shm(monkeypatch)
+def test_shm_busy_loop_patch_shortens_reader_spin(monkeypatch, tmp_path):
+    spin_condition, seen, shm = _fake_shm(monkeypatch)
     monkeypatch.setenv(engine_process.SHM_BUSY_LOOP_ENV, "0.002")
     engine_process.setup_engine_process()
-    spin_condition(True, None, "ipc://x")
-    spin_condition(False, None, "ipc://y", busy_loop_s=1)
-    assert seen == [0.002, 0.002]
+    context = zmq.Context()
+    try:
+        spin_condition(True, context, "ipc://unused")
+        address = f"ipc://{tmp_path}/notify"
+        writer = spin_condition(False, context, address, busy_loop_s=1)
+        assert seen == [0.002, 0.002]
+        # Short windows make readers idle often: wake-ups must never be dropped, and a lost
+        # one must not cost vLLM's 5 s re-check.
+        assert writer.local_notify_socket.getsockopt(zmq.SNDHWM) == 1000
+        assert shm.SHM_READER_RECHECK_INTERVAL_MS == 50
+        reader = context.socket(zmq.SUB)  # still bound where readers will connect
+        reader.setsockopt_string(zmq.SUBSCRIBE, "")
+        reader.connect(address)
+        deadline = time.monotonic() + 5
+        while not reader.poll(50) and time.monotonic() < deadline:
+            writer.local_notify_socket.send(b"\x00")
+        assert reader.recv(zmq.NOBLOCK) == b"\x00"
+        reader.close(0)
+        writer.local_notify_socket.close(0)
+    finally:
+        context.term()
 
 
 def test_shm_busy_loop_untouched_without_setting(monkeypatch):
-    spin_condition, seen = _fake_shm(monkeypatch)
+    spin_condition, seen, shm = _fake_shm(monkeypatch)
     monkeypatch.delenv(engine_process.SHM_BUSY_LOOP_ENV, raising=False)
     engine_process.setup_engine_process()
     spin_condition(True, None, "ipc://x")
     assert seen == [1]
+    assert shm.SHM_READER_RECHECK_INTERVAL_MS == 5000
