@@ -2,7 +2,9 @@
 
 ``PrefillServer`` and ``DecodeServer`` run NixlConnector engines (prefill keeps blocks for a
 remote reader; decode reads them, recomputing if a read fails); ``AggregatedServer`` is a plain
-engine doing both phases, the baseline. All three share :class:`EngineServer`.
+engine doing both phases, the baseline. All three share :class:`EngineServer`. The decode and
+aggregated replicas are also the app's HTTP ingress (:class:`EngineFront`), so streamed tokens
+never cross a Ray hop.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Requests are parsed and validated with vLLM's own protocol models, so what vLLM rejects we
 reject the same way, before any engine is touched. The P/D flow itself lives in
-:mod:`app.orchestrator`; this module maps HTTP to it and Ray handles to engine clients.
+:mod:`app.orchestrator`; this module maps HTTP to it. The front is mixed into the engine
+deployments that serve HTTP (``app.deployments.EngineFront``), not deployed on its own.
 """
 
 from __future__ import annotations
