@@ -42,7 +42,6 @@ class OpenAIFront:
 
         self.cfg = cfg
         self._request_models = {"completion": CompletionRequest, "chat": ChatCompletionRequest}
-        self._decode = decode
         self.orchestrator = PDOrchestrator(
             mode=cfg.mode,
             decode=decode,
@@ -69,12 +68,12 @@ class OpenAIFront:
 
     async def list_models(self, request: Request) -> Response:
         if self._models_body is None:
-            self._models_body = await self._decode.models()
+            self._models_body = await self.orchestrator.decode.models()
         return JSONResponse(self._models_body)
 
     async def health(self, request: Request) -> Response:
         try:
-            await asyncio.wait_for(self._decode.check_health(), HEALTH_TIMEOUT_S)
+            await asyncio.wait_for(self.orchestrator.decode.check_health(), HEALTH_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - any failure means unhealthy
             return error_response(f"decode engine unhealthy: {exc}", "ServiceUnavailable", 503)
         return JSONResponse({"status": "ok"})

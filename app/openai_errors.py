@@ -18,9 +18,8 @@ def error_response(
     err_type: str = "BadRequestError",
     code: int = 400,
     param: str | None = None,
-    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(message, err_type, code, param), code, headers=headers)
+    return JSONResponse(error_body(message, err_type, code, param), code)
 
 
 def validation_message(exc: Exception) -> tuple[str, str | None]:
