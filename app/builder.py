@@ -5,13 +5,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from app.config import AppConfig, PhaseConfig
-from app.deployments import AggregatedServer, DecodeServer, PrefillServer
+from app.deployments import AggregatedServer, DecodeServer, KVRouterServer, PrefillServer
+
+_POOL_ROUTERS = "app.routing.pool_routers"
+# Ray Serve LLM's router, by its implementation path: the public re-export in ray.serve.llm
+# imports all of Ray LLM (pyarrow and cloud filesystems) for one class.
+PREFIX_AFFINITY_ROUTER = ("ray.llm._internal.serve.routing_policies.prefix_aware."
+                          "prefix_aware_router:PrefixCacheAffinityRouter")
 
 
 def _engine_options(phase: PhaseConfig) -> dict[str, Any]:
@@ -25,15 +33,37 @@ def _engine_options(phase: PhaseConfig) -> dict[str, Any]:
     }
 
 
+def _router(cls: str) -> dict[str, Any]:
+    return {"request_router_config": RequestRouterConfig(request_router_class=cls,
+                                                         request_routing_stats_period_s=2)}
+
+
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     cfg = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     local = Path(cfg.model.path)
     if local.exists():  # replicas may run elsewhere than the caller's cwd
         cfg.model.path = str(local.resolve())
     raw = cfg.model_dump()
+    policy = cfg.routing.policy
+    if policy == "kv" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+        raise ValueError(
+            "routing.policy 'kv' needs Ray's HAProxy ingress: start Ray with the settings of "
+            "app/serve_env.py, e.g. `env $(python -m app.serve_env) serve run <config>`, or "
+            "set routing.policy: power_of_two")
     # The decode (or aggregated) engine replicas are the HTTP ingress: tokens go from vLLM to
     # the socket in-process, with no Ray hop; only the prefill leg crosses replicas.
+    kv = policy == "kv"
+    front_router = _router(f"{_POOL_ROUTERS}:DecodePoolRouter") if kv else {}
     if cfg.mode == "aggregated":
-        return AggregatedServer.options(**_engine_options(cfg.aggregated)).bind(raw)
-    prefill = PrefillServer.options(**_engine_options(cfg.prefill)).bind(raw)
-    return DecodeServer.options(**_engine_options(cfg.decode)).bind(raw, prefill)
+        front = AggregatedServer.options(**_engine_options(cfg.aggregated), **front_router)
+        app = front.bind(raw)
+        return app._with_ingress_request_router(KVRouterServer.bind(raw, app)) if kv else app
+    prefill_router_cls = {"kv": f"{_POOL_ROUTERS}:PrefillPoolRouter",
+                          "prefix_affinity": PREFIX_AFFINITY_ROUTER}.get(policy)
+    prefill_router = _router(prefill_router_cls) if prefill_router_cls else {}
+    prefill = PrefillServer.options(**_engine_options(cfg.prefill), **prefill_router).bind(raw)
+    app = DecodeServer.options(**_engine_options(cfg.decode), **front_router).bind(raw, prefill)
+    if kv:
+        # HAProxy asks the router (POST /internal/route) which decode replica gets each request.
+        app._with_ingress_request_router(KVRouterServer.bind(raw, app, prefill))
+    return app

@@ -76,10 +76,60 @@ class EngineProcessConfig(_Strict):
     )
 
 
+RoutingPolicy = Literal["kv", "power_of_two", "prefix_affinity"]
+
+
 class RoutingConfig(_Strict):
+    """How requests are placed (``app.routing``); weights are those of ``app.routing.policy``."""
+
+    policy: RoutingPolicy = Field(
+        "kv",
+        description="kv: the KV-aware ingress router picks decode and prefill replicas and "
+        "decides local vs remote prefill; power_of_two: HAProxy leastconn for decode, Ray's "
+        "power-of-two for prefill, always remote prefill; prefix_affinity: as power_of_two "
+        "but Ray Serve LLM's PrefixCacheAffinityRouter on the prefill handle.",
+    )
     prefill_timeout_s: float = Field(
         60.0, gt=0, description="A prefill slower than this falls back to local prefill."
     )
+    prefill_weight: float = Field(1.0, ge=0, description="Cost per prompt block to prefill.")
+    decode_weight: float = Field(1.0, ge=0, description="Cost per KV block held by running "
+                                 "sequences on a decode replica.")
+    kv_usage_weight: float = Field(1.0, ge=0, description="Cost of KV-cache fullness, per "
+                                   "prompt block.")
+    prefill_queue_weight: float = Field(1.0, ge=0, description="Prefill replica cost per "
+                                        "queued prompt block.")
+    local_prefill_max_tokens: int = Field(
+        256, ge=0, description="Prefill on the decode replica when it would compute fewer "
+        "prompt tokens than this (short prompt, or most of it cached there); 0 = never.")
+    prefill_saturated_tokens: int = Field(
+        8192, ge=1, description="Prefill pool saturated: every replica has this many prompt "
+        "tokens queued ...")
+    decode_slack_tokens: int = Field(
+        2048, ge=0, description="... and the decode replica would have at most this many to "
+        "prefill: prefill locally instead.")
+    predicted_ttl_s: float = Field(
+        2.0, gt=0, description="A routed prompt's blocks count as cached on its replicas "
+        "this long, until the engine's KV events confirm them (bursts of siblings stick).")
+    replica_stale_s: float = Field(
+        3.0, gt=0, description="A replica whose load heartbeat is silent this long is left "
+        "out of routing (it died or hangs).")
+    advertise_host: str | None = Field(
+        None, description="Address replicas advertise for their KV-event and load sockets; "
+        "None = the node IP. The sockets bind on all interfaces.")
+
+    def weights(self):
+        from app.routing.policy import RoutingWeights
+
+        return RoutingWeights(
+            prefill_weight=self.prefill_weight,
+            decode_weight=self.decode_weight,
+            kv_usage_weight=self.kv_usage_weight,
+            prefill_queue_weight=self.prefill_queue_weight,
+            local_prefill_max_tokens=self.local_prefill_max_tokens,
+            prefill_saturated_tokens=self.prefill_saturated_tokens,
+            decode_slack_tokens=self.decode_slack_tokens,
+        )
 
 
 class AppConfig(_Strict):
@@ -100,7 +150,7 @@ class AppConfig(_Strict):
     def _no_engine_model_override(self) -> AppConfig:
         for name, phase in (("", self), *self.phases()):
             args = phase.engine_args
-            for key in ("model", "served_model_name", "kv_transfer_config"):
+            for key in ("model", "served_model_name", "kv_transfer_config", "kv_events_config"):
                 if key in args:
                     raise ValueError(
                         f"{name or 'engine_args'}: set '{key}' through model/nixl settings, "

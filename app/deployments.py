@@ -25,6 +25,11 @@ from app.engine_process import NIXL_DELAY_ENV, SHM_BUSY_LOOP_ENV, setup_engine_p
 from app.engine_protocol import Head
 from app.ingress import OpenAIFront
 from app.ports import free_port
+from app.routing.hints import RouteHint
+from app.routing.metrics import record_prediction
+from app.routing.policy import PrefillPlan
+from app.routing.publisher import InFlight, LoadPublisher, RequestTracker
+from app.routing.router import KVRouter
 
 log = logging.getLogger("ray.serve")
 
@@ -51,10 +56,18 @@ class EngineServer:
         self._prepare_environment(cfg, phase)
         setup_engine_process()
         kv_device = _kv_buffer_device(cfg.nixl.kv_buffer_device)
-        self.host = EngineHost(cfg.engine_kwargs(self.role, kv_device), cfg.model.served_model_name)
+        engine_kwargs = cfg.engine_kwargs(self.role, kv_device)
+        self.kv_router = cfg.routing.policy == "kv"
+        self._metadata: dict[str, Any] = {"role": self.role}
+        if self.kv_router:
+            engine_kwargs["kv_events_config"] = self._kv_events_config(cfg)
+        self.host = EngineHost(engine_kwargs, cfg.model.served_model_name)
         await self.host.start()
         if self.cores:
             pin_process_tree(self.cores, engine_pids())
+        self.tracker: RequestTracker | None = None
+        if self.kv_router:
+            self._start_load_reports(cfg)
         log.info("%s replica %s ready (cores=%s)", self.role, rank, sorted(self.cores or []))
 
     def _prepare_environment(self, cfg: AppConfig, phase: PhaseConfig) -> None:
@@ -78,8 +91,58 @@ class EngineServer:
         async for item in self.host.generate(kind, request):
             yield item
 
-    async def generate_once(self, kind: str, request: Any) -> Head:
-        return await self.host.generate_once(kind, request)
+    async def generate_once(self, kind: str, request: Any, prefill_replica: str | None = None,
+                            prompt_tokens: int = 0, predicted_cached_tokens: int = 0) -> Head:
+        """The prefill leg. The routing keywords are the KV router's choice: Ray's request
+        router (``PrefillPoolRouter``) already sent the call to ``prefill_replica``."""
+        if self.tracker is None:
+            return await self.host.generate_once(kind, request)
+        hint = RouteHint(PrefillPlan.REMOTE, prefill_replica, prompt_tokens,
+                         predicted_cached_tokens)
+        tracked = self.tracker.begin(request, hint, prefills_here=True)
+        try:
+            return await self.host.generate_once(kind, request)
+        finally:
+            tracked.end()
+
+    # --- KV-aware routing: what the router subscribes to -------------------------------------
+
+    def _kv_events_config(self, cfg: AppConfig) -> dict[str, Any]:
+        """vLLM publishes KV events on a wildcard bind (a host-specific endpoint would make it
+        *connect*, DESIGN.md); the router connects to the advertised address."""
+        host = cfg.routing.advertise_host or _node_ip()
+        ports = free_port("0.0.0.0"), free_port("0.0.0.0")
+        self._metadata.update(kv_events=f"tcp://{host}:{ports[0]}",
+                              kv_replay=f"tcp://{host}:{ports[1]}")
+        return {"enable_kv_cache_events": True, "publisher": "zmq",
+                "endpoint": f"tcp://*:{ports[0]}", "replay_endpoint": f"tcp://*:{ports[1]}"}
+
+    def _start_load_reports(self, cfg: AppConfig) -> None:
+        self.inflight = InFlight()
+        self.publisher = LoadPublisher(self._load_report,
+                                       cfg.routing.advertise_host or _node_ip())
+        self.inflight._on_change = self.publisher.changed
+        collector = self.host.stats_collector
+        collector.listener = self.publisher.changed
+        self.tracker = RequestTracker(self.inflight, self.role, collector.expect_finish,
+                                      record_prediction)
+        self._metadata["load"] = self.publisher.endpoint
+        self.publisher.start()
+
+    def _load_report(self) -> dict[str, Any]:
+        engine = self.host.stats()
+        return {
+            "running": self.inflight.running,
+            "queued_prefill_tokens": self.inflight.queued_prefill_tokens,
+            "kv_usage": engine.get("kv_cache_usage", 0.0),
+            "active_kv_blocks": round(engine.get("kv_cache_usage", 0.0)
+                                      * engine.get("kv_num_blocks", 0)),
+            "engine": engine,
+        }
+
+    def record_replica_metadata(self) -> dict[str, Any]:
+        """Static, read by Ray once the replica is up: where the router subscribes."""
+        return dict(self._metadata)
 
     async def models(self) -> dict[str, Any]:
         return await self.host.models()
@@ -93,9 +156,18 @@ class EngineServer:
         await self.host.check_health()
 
     def __del__(self):
+        publisher = getattr(self, "publisher", None)
+        if publisher is not None:
+            publisher.close()
         host = getattr(self, "host", None)
         if host is not None:
             host.shutdown()
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
 
 
 def _replica_rank() -> int:
@@ -124,6 +196,7 @@ class EngineFront(EngineServer, OpenAIFront):
             self.cfg,
             LocalEngineClient(self.host),
             HandleEngineClient(prefill) if prefill is not None else None,
+            self.tracker,
         )
 
 
@@ -142,3 +215,10 @@ class DecodeServer(EngineFront):
 @serve.ingress()
 class AggregatedServer(EngineFront):
     role = "aggregated"
+
+
+# One per proxy node (Ray places it); no CPU reserved, like Ray Serve LLM's router: it must
+# not take a core from an engine, and it runs only between HAProxy and the engines.
+KVRouterServer = serve.deployment(
+    serve.ingress()(KVRouter), name="KVRouter", ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1000)

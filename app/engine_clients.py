@@ -22,8 +22,10 @@ class HandleEngineClient:
         self._handle = handle
         self._stream_handle = handle.options(stream=True)
 
-    async def call_once(self, kind: str, request: Any) -> Head:
-        response = self._handle.generate_once.remote(kind, request)
+    async def call_once(self, kind: str, request: Any, **routing: Any) -> Head:
+        """``routing``: the router's choice (``prefill_replica``...), read by the deployment's
+        request router (app.routing.pool_routers) and passed on to ``generate_once``."""
+        response = self._handle.generate_once.remote(kind, request, **routing)
         try:
             return await response
         except asyncio.CancelledError:
@@ -59,7 +61,7 @@ class LocalEngineClient:
     def __init__(self, host: EngineHost):
         self._host = host
 
-    async def call_once(self, kind: str, request: Any) -> Head:
+    async def call_once(self, kind: str, request: Any, **routing: Any) -> Head:
         return await self._host.generate_once(kind, request)
 
     def stream(self, kind: str, request: Any) -> AsyncIterator[Head | str]:

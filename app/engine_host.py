@@ -76,6 +76,10 @@ class EngineHost:
     async def models(self) -> dict[str, Any]:
         return (await self._models.show_available_models()).model_dump()
 
+    @property
+    def stats_collector(self) -> EngineStatsCollector:
+        return self._stats
+
     def stats(self) -> dict[str, Any]:
         return self._stats.snapshot() if self._stats else {}
 

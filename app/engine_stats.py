@@ -7,6 +7,8 @@ remotely?" and "is its KV cache back to idle?" without scraping Prometheus.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +29,9 @@ class EngineCounters:
     kv_cache_usage: float = 0.0
     num_running_reqs: int = 0
     num_waiting_reqs: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the local prefix cache
+    prefix_cache_hits: int = 0  # ... and found there
+    kv_num_blocks: int = 0
 
 
 def _sum_connector_stats(stats: Any, counters: EngineCounters) -> None:
@@ -52,6 +57,16 @@ class EngineStatsCollector(StatLoggerBase):
 
     def __init__(self, vllm_config: Any, engine_index: int = 0):
         self.counters = EngineCounters()
+        self._cache_config = getattr(vllm_config, "cache_config", None)
+        self.listener: Callable[[], None] | None = None  # told after every engine step
+        # request id -> callback(num_cached_tokens), for router prediction metrics
+        self._expected: dict[str, Callable[[int], None]] = {}
+
+    def expect_finish(self, request_id: str, callback: Callable[[int], None]) -> None:
+        """Call ``callback(num_cached_tokens)`` when a request carrying this id finishes."""
+        if len(self._expected) > 10_000:  # requests that never finished here: forget them
+            self._expected.clear()
+        self._expected[request_id] = callback
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
         c = self.counters
@@ -61,6 +76,10 @@ class EngineStatsCollector(StatLoggerBase):
             c.num_waiting_reqs = scheduler_stats.num_waiting_reqs
             if scheduler_stats.kv_connector_stats:
                 _sum_connector_stats(scheduler_stats.kv_connector_stats, c)
+            prefix = scheduler_stats.prefix_cache_stats
+            if prefix is not None:
+                c.prefix_cache_queries += prefix.queries
+                c.prefix_cache_hits += prefix.hits
         if iteration_stats is not None:
             p = iteration_stats.prompt_token_stats
             c.prompt_tokens_total += p.total
@@ -69,9 +88,27 @@ class EngineStatsCollector(StatLoggerBase):
             c.prompt_tokens_external_kv_transfer += p.external_kv_transfer
             c.generation_tokens += iteration_stats.num_generation_tokens
             c.finished_requests += len(iteration_stats.finished_requests)
+            if self._expected:
+                for finished in iteration_stats.finished_requests:
+                    self._on_finished(finished)
+        if self.listener is not None:
+            self.listener()
+
+    def _on_finished(self, finished: Any) -> None:
+        # vLLM derives its internal ids from the OpenAI request_id (a uuid hex) plus affixes.
+        for rid in _UUID_HEX.findall(finished.request_id or ""):
+            callback = self._expected.pop(rid, None)
+            if callback is not None:
+                callback(finished.num_cached_tokens)
+                return
 
     def log_engine_initialized(self) -> None:
         pass
 
     def snapshot(self) -> dict[str, Any]:
+        if self._cache_config is not None:
+            self.counters.kv_num_blocks = self._cache_config.num_gpu_blocks or 0
         return asdict(self.counters)
+
+
+_UUID_HEX = re.compile(r"[0-9a-f]{32}")

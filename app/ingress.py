@@ -21,6 +21,8 @@ from starlette.routing import Route
 from app.config import AppConfig
 from app.openai_errors import error_response, validation_message
 from app.orchestrator import EngineClient, PDOrchestrator
+from app.routing.hints import RouteHint, read_route_hint
+from app.routing.publisher import RequestTracker
 
 log = logging.getLogger("ray.serve")
 
@@ -36,7 +38,10 @@ class OpenAIFront:
     """
 
     def _init_front(self, cfg: AppConfig, decode: EngineClient,
-                    prefill: EngineClient | None = None) -> None:
+                    prefill: EngineClient | None = None,
+                    tracker: RequestTracker | None = None) -> None:
+        """``tracker``: told when requests start, finish prefill and end (the KV router's
+        load reports); router headers are honoured only when one is given."""
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
@@ -49,6 +54,7 @@ class OpenAIFront:
             prefill_timeout_s=cfg.routing.prefill_timeout_s,
         )
         self._models_body: dict[str, Any] | None = None
+        self._tracker = tracker
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return Starlette(
@@ -82,9 +88,13 @@ class OpenAIFront:
         parsed = await self._parse(kind, http_request)
         if isinstance(parsed, Response):
             return parsed
+        hint = read_route_hint(http_request.headers) if self._tracker else RouteHint()
+        tracked = self._tracker.begin(parsed, hint) if self._tracker else None
         try:
-            reply = await self.orchestrator.handle(kind, parsed)
+            reply = await self.orchestrator.handle(kind, parsed, hint)
         except Exception as exc:  # noqa: BLE001 - engines unreachable: say so, don't 500
+            if tracked is not None:
+                tracked.end()
             log.error("request failed: %s: %s", type(exc).__name__, exc)
             return error_response(
                 f"engines unavailable ({type(exc).__name__}); retry shortly",
@@ -93,8 +103,11 @@ class OpenAIFront:
             )
         headers = {ROUTE_HEADER: reply.route.value}
         if reply.chunks is None:
+            if tracked is not None:
+                tracked.end()
             return JSONResponse(reply.head.body, reply.head.status, headers=headers)
-        return StreamingResponse(reply.chunks, media_type="text/event-stream", headers=headers)
+        chunks = tracked.wrap(reply.chunks) if tracked is not None else reply.chunks
+        return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
 
     async def _parse(self, kind: str, http_request: Request) -> Any:
         """A validated vLLM request model, or the 400 response explaining why not."""

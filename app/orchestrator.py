@@ -17,12 +17,13 @@ from typing import Any, Protocol
 from app.engine_protocol import KIND_ERROR, KIND_JSON, KIND_STREAM, Head
 from app.pd_decision import RequestShape, Route, decide_route, fallback_on_prefill_status
 from app.pd_requests import client_request, decode_request, prefill_request
+from app.routing.hints import RouteHint
 
 log = logging.getLogger(__name__)
 
 
 class EngineClient(Protocol):
-    async def call_once(self, kind: str, request: Any) -> Head: ...
+    async def call_once(self, kind: str, request: Any, **routing: Any) -> Head: ...
 
     def stream(self, kind: str, request: Any) -> AsyncIterator[Head | str]: ...
 
@@ -51,15 +52,18 @@ class PDOrchestrator:
         self.prefill = prefill
         self.prefill_timeout_s = prefill_timeout_s
 
-    async def handle(self, kind: str, request: Any) -> Reply:
+    async def handle(self, kind: str, request: Any, hint: RouteHint | None = None) -> Reply:
+        """``hint``: the KV router's choices (plan, prefill replica), if a router placed it."""
         request = client_request(request)
+        hint = hint or RouteHint()
         shape = RequestShape(
             n=getattr(request, "n", 1) or 1,
             use_beam_search=bool(getattr(request, "use_beam_search", False)),
         )
-        route = decide_route(self.mode, shape, self.prefill is not None)
+        plan = hint.plan.value if hint.plan is not None else None
+        route = decide_route(self.mode, shape, self.prefill is not None, plan)
         if route is Route.DISAGGREGATED:
-            outcome = await self._run_prefill(kind, request)
+            outcome = await self._run_prefill(kind, request, hint)
             if isinstance(outcome, Head):  # the client's own error, found by prefill
                 return Reply(route, outcome)
             if outcome is None:
@@ -68,11 +72,17 @@ class PDOrchestrator:
                 request = decode_request(request, outcome)
         return await self._run_decode(route, kind, request)
 
-    async def _run_prefill(self, kind: str, request: Any) -> dict[str, Any] | Head | None:
+    async def _run_prefill(self, kind: str, request: Any,
+                           hint: RouteHint) -> dict[str, Any] | Head | None:
         """KV params for decode; a Head to return to the client; or None to fall back."""
+        routing = {}
+        if hint.prefill_replica:
+            routing = {"prefill_replica": hint.prefill_replica,
+                       "prompt_tokens": hint.prompt_tokens,
+                       "predicted_cached_tokens": hint.predicted_cached_tokens}
         try:
             head = await asyncio.wait_for(
-                self.prefill.call_once(kind, prefill_request(kind, request)),
+                self.prefill.call_once(kind, prefill_request(kind, request), **routing),
                 self.prefill_timeout_s,
             )
         except TimeoutError:

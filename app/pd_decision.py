@@ -14,6 +14,10 @@ class Route(StrEnum):
     DISAGGREGATED = "disaggregated"  # prefill engine computes KV, decode engine pulls it
     AGGREGATED = "aggregated"  # one engine does both phases by design
     FALLBACK = "fallback"  # meant to disaggregate, but prefill failed: decode prefilled
+    # The KV router chose prefill on the decode replica (app.routing.policy.PrefillPlan):
+    LOCAL_PREFILL_CACHED = "local-prefill:cached"
+    LOCAL_PREFILL_SHORT = "local-prefill:short"
+    LOCAL_PREFILL_BUSY = "local-prefill:busy"
 
 
 @dataclass(frozen=True)
@@ -24,13 +28,17 @@ class RequestShape:
     use_beam_search: bool = False
 
 
-def decide_route(mode: str, shape: RequestShape, prefill_available: bool = True) -> Route:
+def decide_route(mode: str, shape: RequestShape, prefill_available: bool = True,
+                 router_plan: str | None = None) -> Route:
+    """``router_plan``: the KV router's ``PrefillPlan`` value, when it chose one."""
     if mode == "aggregated":
         return Route.AGGREGATED
     # One prefill hands off one sequence's blocks; n>1 and beam search fork sequences on the
     # decode side, which vLLM's NIXL handoff does not support, so they run on one engine.
     if shape.n > 1 or shape.use_beam_search:
         return Route.AGGREGATED
+    if router_plan is not None and router_plan != Route.DISAGGREGATED.value:
+        return Route(router_plan)
     if not prefill_available:
         return Route.FALLBACK
     return Route.DISAGGREGATED

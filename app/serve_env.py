@@ -18,7 +18,12 @@ from __future__ import annotations
 
 from app.ports import free_port
 
-FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+FAST_INGRESS_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    # The KV-aware router (routing.policy: kv) reads the prompt: HAProxy must forward the
+    # request body to /internal/route. Unused by the other policies.
+    "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+}
 # Behind HAProxy an ingress replica stays up 30 s after it is told to stop, so that load
 # balancers on other nodes can deregister it. One machine has none: stop in a second.
 LOCAL_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}

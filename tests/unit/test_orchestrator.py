@@ -37,8 +37,9 @@ class FakeEngine:
         self.requests = []
         self.closed = False
 
-    async def call_once(self, kind, request):
+    async def call_once(self, kind, request, **routing):
         self.requests.append(request)
+        self.routing = routing
         await asyncio.sleep(self.delay)
         if self.raises:
             raise self.raises
@@ -139,3 +140,46 @@ async def test_non_stream_reply_closes_engine_stream():
     reply = await PDOrchestrator("aggregated", decode).handle("completion", FakeCompletion())
     assert reply.head is body and reply.chunks is None
     assert decode.closed
+
+
+# --- the KV router's choices (x-serve-router-* headers, parsed into a RouteHint) -------------
+
+
+async def test_router_local_prefill_skips_the_prefill_engine():
+    from app.routing.hints import RouteHint
+    from app.routing.policy import PrefillPlan
+
+    prefill, decode = FakeEngine(), FakeEngine()
+    orch = PDOrchestrator("disaggregated", decode, prefill)
+    hint = RouteHint(PrefillPlan.LOCAL_CACHED, None, 300, 256)
+    reply = await orch.handle("completion", FakeCompletion(stream=True), hint)
+    assert reply.route is Route.LOCAL_PREFILL_CACHED
+    assert reply.route.value == "local-prefill:cached"
+    assert prefill.requests == []
+    assert decode.requests[0].kv_transfer_params is None
+    await _collect(reply)
+
+
+async def test_router_prefill_choice_reaches_the_prefill_call():
+    from app.routing.hints import RouteHint
+    from app.routing.policy import PrefillPlan
+
+    prefill, decode = FakeEngine(), FakeEngine()
+    orch = PDOrchestrator("disaggregated", decode, prefill)
+    hint = RouteHint(PrefillPlan.REMOTE, "SERVE_REPLICA::pd#PrefillServer#abc", 300, 64)
+    reply = await orch.handle("completion", FakeCompletion(), hint)
+    assert reply.route is Route.DISAGGREGATED
+    assert prefill.routing == {"prefill_replica": "SERVE_REPLICA::pd#PrefillServer#abc",
+                               "prompt_tokens": 300, "predicted_cached_tokens": 64}
+    assert decode.requests[0].kv_transfer_params == KV
+
+
+async def test_router_plan_does_not_override_forking_requests():
+    from app.routing.hints import RouteHint
+    from app.routing.policy import PrefillPlan
+
+    prefill, decode = FakeEngine(), FakeEngine()
+    orch = PDOrchestrator("disaggregated", decode, prefill)
+    reply = await orch.handle("completion", FakeCompletion(n=2),
+                              RouteHint(PrefillPlan.LOCAL_SHORT, None, 10, 0))
+    assert reply.route is Route.AGGREGATED
