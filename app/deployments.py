@@ -150,7 +150,8 @@ class EngineServer:
     async def stats(self) -> dict[str, Any]:
         """Engine counters plus where its processes may run (for checks and debugging)."""
         pids = engine_pids()
-        return {**self.host.stats(), "role": self.role, "affinity": describe_affinity(pids)}
+        return {**self.host.stats(), "role": self.role, "replica": _replica_id(),
+                "affinity": describe_affinity(pids)}
 
     async def check_health(self) -> None:
         await self.host.check_health()
@@ -168,6 +169,13 @@ def _node_ip() -> str:
     import ray
 
     return ray.util.get_node_ip_address()
+
+
+def _replica_id() -> str | None:
+    try:
+        return serve.get_replica_context().replica_id.to_full_id_str()
+    except Exception:  # noqa: BLE001 - outside Serve
+        return None
 
 
 def _replica_rank() -> int:

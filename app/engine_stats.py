@@ -95,8 +95,8 @@ class EngineStatsCollector(StatLoggerBase):
             self.listener()
 
     def _on_finished(self, finished: Any) -> None:
-        # vLLM derives its internal ids from the OpenAI request_id (a uuid hex) plus affixes.
-        for rid in _UUID_HEX.findall(finished.request_id or ""):
+        # vLLM derives its internal ids from the OpenAI request_id plus '-'-joined affixes.
+        for rid in _ID_PARTS.split(finished.request_id or ""):
             callback = self._expected.pop(rid, None)
             if callback is not None:
                 callback(finished.num_cached_tokens)
@@ -111,4 +111,4 @@ class EngineStatsCollector(StatLoggerBase):
         return asdict(self.counters)
 
 
-_UUID_HEX = re.compile(r"[0-9a-f]{32}")
+_ID_PARTS = re.compile(r"[-_]")

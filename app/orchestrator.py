@@ -19,7 +19,7 @@ from app.pd_decision import RequestShape, Route, decide_route, fallback_on_prefi
 from app.pd_requests import client_request, decode_request, prefill_request
 from app.routing.hints import RouteHint
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve")
 
 
 class EngineClient(Protocol):
@@ -96,7 +96,9 @@ class PDOrchestrator:
         if head.kind == KIND_ERROR:
             if not fallback_on_prefill_status(head.status):
                 return head
-            log.warning("prefill answered %s; decoding with local prefill", head.status)
+            message = ((head.body or {}).get("error") or {}).get("message")
+            log.warning("prefill answered %s (%s); decoding with local prefill", head.status,
+                        message)
             return None
         params = (head.body or {}).get("kv_transfer_params") if head.kind == KIND_JSON else None
         if not params:

@@ -9,6 +9,9 @@
    what ``nixl.progress_delay_us`` buys;
 6. ``aggregated-ray-proxy``: 2 without the Ray settings of ``app/serve_env.py`` (Ray's Python
    HTTP proxy instead of HAProxy + direct ingress), to show what they buy.
+7. ``kv-router``: 3 with ``routing.policy: kv`` (HAProxy asks the KV-aware router for every
+   request, engines publish KV events and load), local prefill off so that the request path
+   is 3's: what the router itself adds. Setups 3, 5 use ``policy: power_of_two``.
 
 The app setups run with ``app/serve_env.py``'s settings unless said otherwise.
 
@@ -53,8 +56,9 @@ from loadtests.servers import (  # noqa: E402
 
 SECTION = "bench:serving_overhead"
 SETUPS = ("plain", "aggregated", "disaggregated", "plain-pd", "disaggregated-nixl-spin",
-          "aggregated-ray-proxy")
-APP_SETUPS = ("aggregated", "disaggregated", "disaggregated-nixl-spin", "aggregated-ray-proxy")
+          "aggregated-ray-proxy", "kv-router")
+APP_SETUPS = ("aggregated", "disaggregated", "disaggregated-nixl-spin", "aggregated-ray-proxy",
+              "kv-router")
 HOST = "127.0.0.1"
 
 
@@ -166,7 +170,8 @@ def vllm_server_command(args, port: int, core: int, kv_config: dict | None) -> l
     return cmd
 
 
-def app_serve_config(args, mode: str, port: int, nixl_delay_us: int) -> dict[str, Any]:
+def app_serve_config(args, mode: str, port: int, nixl_delay_us: int,
+                     policy: str = "power_of_two") -> dict[str, Any]:
     app_args = {
         "model": {"path": str(ROOT / args.model_path), "served_model_name": args.model_name},
         "mode": mode,
@@ -176,7 +181,10 @@ def app_serve_config(args, mode: str, port: int, nixl_delay_us: int) -> dict[str
         "decode": {"cpu_cores": ["1"]},
         "nixl": {"side_channel_host": HOST, "progress_delay_us": nixl_delay_us},
         "engine_process": {"shm_busy_loop_s": args.shm_busy_loop_s},
+        "routing": {"policy": policy},
     }
+    if policy == "kv":  # same path as power_of_two (always remote prefill), plus the router
+        app_args["routing"].update(local_prefill_max_tokens=0, advertise_host=HOST)
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": HOST, "port": port},
@@ -198,8 +206,9 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
         mode = "aggregated" if setup.startswith("aggregated") else "disaggregated"
         delay = 0 if setup.endswith("spin") else args.nixl_delay_us
         cfg_path = workdir / f"{setup}.yaml"
+        policy = "kv" if setup == "kv-router" else "power_of_two"
         cfg_path.write_text(
-            yaml.safe_dump(app_serve_config(args, mode, port, delay), sort_keys=False))
+            yaml.safe_dump(app_serve_config(args, mode, port, delay, policy), sort_keys=False))
         proc = start_serve_run(cfg_path, workdir / f"{setup}.log", ROOT, env,
                                fast_ingress=not setup.endswith("ray-proxy"))
         procs.append((proc, port, workdir / f"{setup}.log"))
@@ -248,6 +257,10 @@ def checks(results: dict[tuple[str, int], Result]) -> list[tuple[str, str, bool]
         at = results[("aggregated", c)].stat("tpot", 50)
         rows.append((f"disaggregated TPOT p50 ≤ 1.2 × aggregated (concurrency {c})",
                      f"{fmt(dt)} vs 1.2 × {fmt(at)} = {fmt(1.2 * at)}", dt <= 1.2 * at))
+    if ("kv-router", 1) in results:
+        k, d1 = p50("kv-router", "ttft"), p50("disaggregated", "ttft")
+        rows.append(("KV router adds ≤ 2 ms TTFT p50 over power_of_two (concurrency 1)",
+                     f"{fmt(k)} vs {fmt(d1)} + 2", k <= d1 + 2))
     spin = results.get(("disaggregated-nixl-spin", 1))
     if spin is not None:
         for c in (1, 4):
@@ -284,7 +297,8 @@ def markdown(args, command: str, results: dict[tuple[str, int], Result]) -> str:
         f"{args.shm_busy_loop_s} s (same settings for the plain servers).",
         "- App topology: the decode (or aggregated) engine replica is the HTTP ingress; Ray "
         "settings of `app/serve_env.py` (HAProxy + direct ingress) except in "
-        "`aggregated-ray-proxy`.",
+        "`aggregated-ray-proxy`. Routing `power_of_two` except `kv-router` (KV-aware ingress "
+        "router, local prefill off: the same disaggregated path plus the router).",
         "",
         "| setup | conc | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | ok | errors |",
         "|---|---|---|---|---|---|---|---|",

@@ -95,13 +95,14 @@ class EventFeed:
         owner: dict[zmq.Socket, tuple[str, str]] = {}  # socket -> (replica, "kv" | "load")
         endpoints: dict[str, Endpoints] = {}
         while self._running:
-            try:
-                wanted = self._commands.get_nowait()
+            try:  # with no socket to poll, wait here instead (zmq's poll would not wait)
+                wanted = self._commands.get(timeout=0.1) if not owner else \
+                    self._commands.get_nowait()
             except queue.Empty:
                 wanted = None
             if wanted is not None:
                 self._resubscribe(ctx, poller, subs, owner, endpoints, wanted)
-            for sock, _ in poller.poll(100):
+            for sock, _ in (poller.poll(100) if owner else ()):
                 replica, kind = owner[sock]
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)

@@ -31,10 +31,12 @@ imports, not thread-safe (one event loop owns it).
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, filterfalse, repeat
 
 __all__ = [
     "AllBlocksCleared",
@@ -110,10 +112,10 @@ class KVIndex:
         self._ttl = predicted_ttl_s
         self._clock = clock
         self._replicas: dict[str, _Replica] = {}
-        # (expiry, replica, hash) in predict order; the clock is monotonic, so expiries are
-        # sorted and expiring is a pop from the left. Entries of refreshed or dropped
-        # predictions are stale, recognised by an expiry no longer matching the replica's.
-        self._expiries: deque[tuple[float, _Replica, int]] = deque()
+        # (expiry, replica, hashes) per predict call; the clock is monotonic, so expiries are
+        # sorted and expiring is a pop from the left. A hash refreshed, stored or removed since
+        # is recognised by its expiry no longer matching the entry's.
+        self._expiries: deque[tuple[float, _Replica, tuple[int, ...]]] = deque()
         self._counters = {"batches_applied": 0, "events_applied": 0, "duplicates": 0, "gaps": 0}
 
     # -- replicas ---------------------------------------------------------------------------
@@ -172,29 +174,30 @@ class KVIndex:
 
     def predict(self, replica: str, block_hashes: Sequence[int]) -> None:
         """Count ``block_hashes`` as held by ``replica`` for ``predicted_ttl_s``: the router
-        just sent it this prompt and the engine stores the blocks before its events arrive."""
+        just sent it this prompt and the engine stores the blocks before its events arrive.
+
+        On the request path, hence bulk C-level set/dict operations rather than a loop."""
         state = self._replicas.get(replica)
         if state is None:
             return
         now = self._clock()
         self._expire(now)
-        expiry = now + self._ttl
+        chain = block_hashes if isinstance(block_hashes, list | tuple) else tuple(block_hashes)
         held, predicted = state.held, state.predicted
-        append = self._expiries.append
-        for h in block_hashes:
-            if h in held:
-                continue  # stored: a prediction adds nothing
-            predicted[h] = expiry
-            held.add(h)
-            append((expiry, state, h))
+        # New hashes, and predicted ones to refresh; stored ones need no prediction.
+        fresh = (*filterfalse(held.__contains__, chain), *filter(predicted.__contains__, chain))
+        if not fresh:
+            return
+        expiry = now + self._ttl
+        predicted.update(zip(fresh, repeat(expiry)))
+        held.update(fresh)
+        self._expiries.append((expiry, state, fresh))
 
     def _expire(self, now: float) -> None:
         queue = self._expiries
         while queue and queue[0][0] <= now:
-            expiry, state, h = queue.popleft()
-            if state.predicted.get(h) == expiry:
-                del state.predicted[h]
-                state.held.discard(h)
+            expiry, state, hashes = queue.popleft()
+            _drop_predictions(state, hashes, expiry)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -229,18 +232,29 @@ class KVIndex:
 
 def _store(state: _Replica, hashes: tuple[int, ...]) -> None:
     state.held.update(hashes)
-    predicted = state.predicted
-    if predicted:  # the real block supersedes the prediction
-        for h in hashes:
-            predicted.pop(h, None)
+    _unpredict(state.predicted, hashes)  # the real block supersedes the prediction
 
 
 def _remove(state: _Replica, hashes: tuple[int, ...]) -> None:
     state.held.difference_update(hashes)
-    predicted = state.predicted
-    if predicted:
+    _unpredict(state.predicted, hashes)
+
+
+def _unpredict(predicted: dict[int, float], hashes: tuple[int, ...]) -> None:
+    if predicted and not predicted.keys().isdisjoint(hashes):
         for h in hashes:
             predicted.pop(h, None)
+
+
+def _drop_predictions(state: _Replica, hashes: tuple[int, ...], expiry: float) -> None:
+    """Drop those of ``hashes`` still predicted with ``expiry``: not refreshed, stored or
+    removed since (NaN, the default for absent ones, equals no expiry)."""
+    predicted = state.predicted
+    current = map(predicted.get, hashes, repeat(math.nan))
+    due = tuple(compress(hashes, map(expiry.__eq__, current)))
+    for h in due:
+        predicted.pop(h, None)
+    state.held.difference_update(due)
 
 
 def _leading_run(held: set[int], chain: list[int] | tuple[int, ...]) -> int:

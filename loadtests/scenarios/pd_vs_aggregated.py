@@ -70,6 +70,9 @@ def app_args(mode: str, model_path: str, served_name: str, max_model_len: int) -
         "decode": {"num_replicas": 1, "cpu_cores": ["1"]},
         "nixl": {"side_channel_host": "127.0.0.1", "progress_delay_us": 100},
         "engine_process": {"shm_busy_loop_s": 0.002},  # as serve_configs/local.yaml
+        # What this scenario compares is the phase split itself: every request disaggregated
+        # (the KV router's conditional disaggregation is measured by scenarios.kv_routing).
+        "routing": {"policy": "power_of_two"},
     }
 
 

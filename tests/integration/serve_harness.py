@@ -34,7 +34,7 @@ def app_config(mode: str, **overrides: Any) -> dict[str, Any]:
         "decode": {"cpu_cores": ["1"], "ray_actor_options": {"num_cpus": 1}},
         "aggregated": {"cpu_cores": ["0"], "ray_actor_options": {"num_cpus": 1}},
         "nixl": {"side_channel_host": "127.0.0.1"},
-        "routing": {"prefill_timeout_s": 20},
+        "routing": {"prefill_timeout_s": 20, "policy": "power_of_two"},
         "engine_process": {"shm_busy_loop_s": 0.002},
     }
     for key, value in overrides.items():

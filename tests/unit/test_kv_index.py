@@ -360,12 +360,14 @@ class KVIndexMachine(RuleBasedStateMachine):
         return {name: hashes for name, hashes in live.items() if hashes}
 
     @precondition(lambda self: bool(self.live_predictions()))
-    @rule(data=st.data())
-    def predict_again(self, data: st.DataObject) -> None:
-        """Refresh live predictions: a lost refresh only shows once time moves on."""
+    @rule(dt=st.sampled_from([0.25, 0.5]), data=st.data())
+    def predict_again(self, dt: float, data: st.DataObject) -> None:
+        """Refresh predictions still live after ``dt``: a lost refresh shows only later."""
+        self.advance(dt)
         live = self.live_predictions()
-        name = data.draw(st.sampled_from(sorted(live)))
-        self.predict(name, data.draw(st.permutations(live[name])))
+        if live:
+            name = data.draw(st.sampled_from(sorted(live)))
+            self.predict(name, data.draw(st.permutations(live[name])))
 
     @rule(dt=st.sampled_from([0.0, 0.25, 0.25, 0.5, TTL]))
     def advance(self, dt: float) -> None:
@@ -416,12 +418,12 @@ class KVIndexMachine(RuleBasedStateMachine):
 
 
 KVIndexMachine.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=50, deadline=None
+    max_examples=200, stateful_step_count=50, deadline=None, database=None
 )
 TestKVIndexStateful = KVIndexMachine.TestCase
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(
     length=st.integers(0, 300),
     run=st.integers(0, 300),
