@@ -156,11 +156,15 @@ def test_shared_long_prefix_goes_to_the_prefill_replica_that_holds_it(urls):
     for i in range(4):  # same prefix, new 400-word suffix each: still worth a remote prefill
         r = _complete(urls["kv"], prefix + " " + words(100 + i, 400))
         assert r.headers["x-pd-route"] == "disaggregated", r.headers
-    hits = _delta(before, _engine_counters(), "prefix_cache_hits")
+    after = _engine_counters()
+    hits = _delta(before, after, "prefix_cache_hits")
     prefill_hits = {r: h for r, h in hits.items() if "PrefillServer" in r}
     holder, other = sorted(prefill_hits, key=prefill_hits.get, reverse=True)
+    detail = {r: {k: after[r].get(k, 0) - before.get(r, {}).get(k, 0) for k in after[r]
+                  if isinstance(after[r].get(k), int)} for r in after}
     # Each follower finds the ~500-token prefix (15+ blocks of 32) on the same engine.
-    assert prefill_hits[holder] >= 4 * 15 * 32, prefill_hits
+    assert prefill_hits[holder] >= 4 * 15 * 32, (detail, _router_state()["decisions"],
+                                                _router_state()["feeds"])
     assert prefill_hits[other] == 0, prefill_hits
 
 
