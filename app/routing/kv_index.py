@@ -24,8 +24,9 @@ Implementation: per replica, one set of held hashes (stored plus predicted) and 
 predicted ones with their expiry. A lookup per replica first guesses the run's end with a
 galloping search of point lookups (O(log n) Python steps, exact when the replica has no hole),
 then verifies the whole prefix with one C-level ``set.issuperset``; only when that finds a hole
-does a bisection over ``issuperset`` of halves locate the first miss. Pure Python, no Ray/vLLM
-imports, not thread-safe (one event loop owns it).
+does a bisection over ``issuperset`` of halves locate the first miss. Predictions expire lazily,
+in predict order (the clock must be monotonic), at the next call that reads them. Pure Python,
+no Ray/vLLM imports; not thread-safe: callers serialise access.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ class KVIndex:
         if not fresh:
             return
         expiry = now + self._ttl
-        predicted.update(zip(fresh, repeat(expiry)))
+        predicted.update(dict.fromkeys(fresh, expiry))
         held.update(fresh)
         self._expiries.append((expiry, state, fresh))
 
