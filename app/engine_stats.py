@@ -7,12 +7,15 @@ remotely?" and "is its KV cache back to idle?" without scraping Prometheus.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
+
+log = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -92,14 +95,14 @@ class EngineStatsCollector(StatLoggerBase):
                 for finished in iteration_stats.finished_requests:
                     self._on_finished(finished)
         if self.listener is not None:
-            self.listener()
+            _guarded(self.listener)
 
     def _on_finished(self, finished: Any) -> None:
         # vLLM derives its internal ids from the OpenAI request_id plus '-'-joined affixes.
         for rid in _ID_PARTS.split(finished.request_id or ""):
             callback = self._expected.pop(rid, None)
             if callback is not None:
-                callback(finished.num_cached_tokens)
+                _guarded(callback, finished.num_cached_tokens)
                 return
 
     def log_engine_initialized(self) -> None:
@@ -112,3 +115,12 @@ class EngineStatsCollector(StatLoggerBase):
 
 
 _ID_PARTS = re.compile(r"[-_]")
+
+
+def _guarded(fn: Callable[..., None], *args: Any) -> None:
+    """Run a listener inside vLLM's output loop: an exception there kills the engine
+    (EngineDeadError for every later request), so a failing listener is logged, never raised."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - see docstring
+        log.exception("engine stats listener failed")

@@ -10,7 +10,7 @@ import functools
 from typing import Any
 
 LATENCY_BOUNDARIES_MS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100]
-TOKEN_ERROR_BOUNDARIES = [0, 16, 64, 256, 1024, 4096, 16384]
+TOKEN_ERROR_BOUNDARIES = [1, 16, 64, 256, 1024, 4096, 16384]  # Ray: all > 0
 
 
 @functools.cache
