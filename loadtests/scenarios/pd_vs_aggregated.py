@@ -38,27 +38,36 @@ from loadtests.servers import (
     stop_process_group,
     wait_ready,
 )
-from loadtests.spec import ArrivalSpec, LengthDist, SyntheticSpec, parse_rates
+from loadtests.spec import ArrivalSpec, LengthDist, SyntheticSpec, parse_rates, parse_workload
 from loadtests.traces import repo_root
 
 SECTION = "loadtests:pd_vs_aggregated"
-MODES = ("aggregated", "disaggregated")
+MODES = ("aggregated", "disaggregated", "conditional")
 MODE_TEXT = {
     "aggregated": "2 replicas serving both phases, one core each (cores 0 and 1)",
     "disaggregated": "1 prefill replica on core 0 + 1 decode replica on core 1, KV cache "
-                     "moved over NIXL",
+                     "moved over NIXL, every request prefilled remotely (`routing.policy: "
+                     "power_of_two`)",
+    "conditional": "the disaggregated layout with the KV-aware router (`routing.policy: kv`): "
+                   "prompts the decode replica would prefill in under "
+                   "`local_prefill_max_tokens` stay there, the rest go to the prefill replica",
 }
 
 
-def app_args(mode: str, model_path: str, served_name: str, max_model_len: int) -> dict[str, Any]:
+def app_args(mode: str, model_path: str, served_name: str, max_model_len: int,
+             local_prefill_max_tokens: int = 256) -> dict[str, Any]:
     """The app's config (``build_app`` args, ``app.config.AppConfig``) for one mode.
 
     Both modes get identical engine settings and two cores; only the layout differs. This is
     the one place to adapt when the app's schema moves (a unit test validates it).
     """
+    routing: dict[str, Any] = {"policy": "power_of_two"}
+    if mode == "conditional":
+        routing = {"policy": "kv", "advertise_host": "127.0.0.1",
+                   "local_prefill_max_tokens": local_prefill_max_tokens}
     return {
         "model": {"path": model_path, "served_model_name": served_name},
-        "mode": mode,
+        "mode": "aggregated" if mode == "aggregated" else "disaggregated",
         "engine_args": {
             "max_model_len": max_model_len,
             "block_size": 32,  # vLLM-CPU attention needs a multiple of 32
@@ -70,14 +79,14 @@ def app_args(mode: str, model_path: str, served_name: str, max_model_len: int) -
         "decode": {"num_replicas": 1, "cpu_cores": ["1"]},
         "nixl": {"side_channel_host": "127.0.0.1", "progress_delay_us": 100},
         "engine_process": {"shm_busy_loop_s": 0.002},  # as serve_configs/local.yaml
-        # What this scenario compares is the phase split itself: every request disaggregated
-        # (the KV router's conditional disaggregation is measured by scenarios.kv_routing).
-        "routing": {"policy": "power_of_two"},
+        # disaggregated: the phase split itself, every request remote; conditional: the KV
+        # router decides per request.
+        "routing": routing,
     }
 
 
 def serve_config(mode: str, model_path: str, served_name: str, host: str, port: int,
-                 max_model_len: int) -> dict[str, Any]:
+                 max_model_len: int, local_prefill_max_tokens: int = 256) -> dict[str, Any]:
     """A ``serve run`` config file: one application, HTTP on ``host:port``."""
     return {
         "proxy_location": "HeadOnly",
@@ -87,12 +96,15 @@ def serve_config(mode: str, model_path: str, served_name: str, host: str, port: 
             "name": "pd",
             "route_prefix": "/",
             "import_path": "app.builder:build_app",
-            "args": app_args(mode, model_path, served_name, max_model_len),
+            "args": app_args(mode, model_path, served_name, max_model_len,
+                             local_prefill_max_tokens),
         }],
     }
 
 
-def _workload(args: argparse.Namespace) -> SyntheticSpec:
+def _workload(args: argparse.Namespace):
+    if args.workload:  # e.g. azure:conv,n=60,max_input=1800: the trace's lengths, Poisson times
+        return parse_workload(args.workload)
     return SyntheticSpec(n=args.n, input=LengthDist(a=args.input_len),
                          output=LengthDist(a=args.output_len))
 
@@ -103,7 +115,7 @@ def run_mode(mode: str, args: argparse.Namespace, command: str, console: Console
     config_path = out / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(
         serve_config(mode, args.model_path, args.served_model_name, args.host, args.port,
-                     args.max_model_len),
+                     args.max_model_len, args.local_prefill_max_tokens),
         sort_keys=False))
     if not port_free(args.host, args.port):
         raise RuntimeError(f"{args.host}:{args.port} is in use; stop whatever serves there")
@@ -145,14 +157,18 @@ def docs_section(args: argparse.Namespace, command: str, results: dict[str, Path
     """The Markdown between this scenario's markers."""
     loaded = [load_result_dir(path, mode) for mode, path in results.items()]
     img_rel = os.path.relpath(img_dir, docs.parent)
-    paths = compare_plots(loaded, img_dir, prefix="pd_vs_aggregated_")
+    prefix = args.section.split(":")[-1] + "_"
+    paths = compare_plots(loaded, img_dir, prefix=prefix)
     meta = loaded[0].meta.get("loadtests", {})
     command = meta.get("command") or command  # the run's command, also with --report-only
     hw = meta.get("hardware") or hardware()
     rates = ", ".join(f"{p['load']:g}" for p in loaded[0].points)
     when = loaded[0].meta.get("date") or datetime.now().strftime("%Y%m%d-%H%M%S")
+    title = ("## Conditional disaggregation vs pure aggregated and pure disaggregated (CPU)"
+             if "conditional" in results else
+             "## Prefill/decode disaggregation vs aggregated serving (CPU)")
     lines = [
-        "## Prefill/decode disaggregation vs aggregated serving (CPU)",
+        title,
         "",
         f"Generated by `loadtests/scenarios/pd_vs_aggregated.py` ({when}, commit "
         f"`{hw.get('git_commit') or '?'}`). Same two cores, same traffic, two layouts:",
@@ -171,6 +187,7 @@ def docs_section(args: argparse.Namespace, command: str, results: dict[str, Path
         "",
         compare_markdown(loaded).strip(),
         "",
+        *_conditional_target(loaded),
         *(f"![{p.stem}]({img_rel}/{p.name})" for p in paths),
         "",
         f"Raw per-request results: `{_rel(args.out)}/<mode>/results/` (not committed); "
@@ -178,6 +195,25 @@ def docs_section(args: argparse.Namespace, command: str, results: dict[str, Path
         f"{' '.join(_rel(p) for p in results.values())}`.",
     ]
     return "\n".join(lines)
+
+
+def _goodput(result) -> float:
+    g = result.goodput or {}
+    value = g.get("interpolated") if g.get("interpolated") is not None else g.get("goodput")
+    return float(value or 0.0)
+
+
+def _conditional_target(loaded) -> list[str]:
+    """Issue 7: conditional goodput >= 1.2 x the better of the two pure layouts."""
+    by_label = {r.label: r for r in loaded}
+    if not {"conditional", "aggregated", "disaggregated"} <= set(by_label):
+        return []
+    cond = _goodput(by_label["conditional"])
+    best = max(_goodput(by_label["aggregated"]), _goodput(by_label["disaggregated"]))
+    ok = best > 0 and cond >= 1.2 * best
+    return [f"- {'✅' if ok else '❌'} conditional goodput {cond:.2f} req/s vs 1.2 × the better "
+            f"pure layout ({best:.2f}) = {1.2 * best:.2f} (interpolated crossing of the "
+            "attainment target where available)", ""]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=50, help="requests per rate")
     p.add_argument("--input-len", type=int, default=1000, help="prompt tokens")
     p.add_argument("--output-len", type=int, default=64, help="output tokens")
+    p.add_argument("--workload", default=None,
+                   help="a loadtests workload spec instead of the synthetic one, e.g. "
+                   "'azure:conv,n=60,max_input=1800,max_output=64' (arrivals stay Poisson)")
+    p.add_argument("--local-prefill-max-tokens", type=int, default=256,
+                   help="conditional mode: the router's local-prefill threshold")
+    p.add_argument("--section", default=SECTION, help="docs section to write")
     p.add_argument("--slo", type=SLO.parse, default=SLO(ttft_ms=1500, tpot_ms=100),
                    metavar="ttft=MS,tpot=MS")
     p.add_argument("--attainment-target", type=float, default=0.9)
@@ -199,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
+    p.add_argument("--modes", default="aggregated,disaggregated",
+                   help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--out", type=Path, default=Path("results/pd_vs_aggregated"))
     p.add_argument("--docs", type=Path, default=Path("docs/BENCHMARKS.md"))
     p.add_argument("--img-dir", type=Path, default=Path("docs/img"))
@@ -233,8 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             results[mode] = run_mode(mode, args, command, console)
     section = docs_section(args, command, results, args.img_dir, args.docs)
-    update_file(args.docs, SECTION, section)
-    console.print(f"wrote {args.docs} (section {SECTION}) and plots in {args.img_dir}/")
+    update_file(args.docs, args.section, section)
+    console.print(f"wrote {args.docs} (section {args.section}) and plots in {args.img_dir}/")
     return 0
 
 

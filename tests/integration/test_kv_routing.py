@@ -163,8 +163,9 @@ def test_shared_long_prefix_goes_to_the_prefill_replica_that_holds_it(urls):
     holder, other = sorted(prefill_hits, key=prefill_hits.get, reverse=True)
     detail = {r: {k: after[r].get(k, 0) - before.get(r, {}).get(k, 0) for k in after[r]
                   if isinstance(after[r].get(k), int)} for r in after}
-    # Each follower finds the ~500-token prefix (15+ blocks of 32) on the same engine.
-    assert prefill_hits[holder] >= 4 * 15 * 32, (detail, _router_state()["decisions"],
+    # Each follower finds the ~600-token shared prefix (~14 full blocks of 32; 12 is a safe
+    # floor) on the same engine, the one that prefilled the first request.
+    assert prefill_hits[holder] >= 4 * 12 * 32, (detail, _router_state()["decisions"],
                                                 _router_state()["feeds"])
     assert prefill_hits[other] == 0, prefill_hits
 
@@ -237,9 +238,19 @@ def test_greedy_output_equals_aggregated_on_every_route(urls):
 
 
 def _kill(replica_full_id: str) -> None:
+    """Kill the replica's actor and return once it is gone (ray.kill only asks)."""
     import ray
 
     ray.kill(ray.get_actor(replica_full_id, namespace="serve"), no_restart=True)
+
+    def gone() -> bool:
+        try:
+            ray.get_actor(replica_full_id, namespace="serve")
+        except ValueError:
+            return True
+        return False
+
+    wait_until(gone, 60, interval=0.1, what=f"{replica_full_id} to die")
 
 
 def _load(url: str, stop: threading.Event, results: list) -> None:
@@ -285,9 +296,11 @@ def test_killing_a_prefill_replica_under_load_fails_no_request(urls):
 
 def test_a_killed_decode_replica_leaves_routing_with_no_failed_request(urls):
     # Requests in flight on a decode replica die with it (stream migration is issue 9);
-    # here the replica dies idle and every request sent from that moment on must succeed.
+    # here the replica dies idle and every request sent from the moment it is gone must
+    # succeed: before the router notices (its heartbeat goes stale after replica_stale_s),
+    # HAProxy's connection-failure redispatch covers a pick of the dead replica.
     victim = sorted(_live("decode"))[0]
     _kill(victim)
-    results = _run_load(urls["kv"], 10)
+    results = _run_load(urls["kv"], 20)
     _assert_none_failed(results)
     assert victim not in _live("decode")

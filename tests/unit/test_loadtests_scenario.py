@@ -17,7 +17,8 @@ def test_app_args_validate_against_app_config(mode: str) -> None:
     config = pytest.importorskip("app.config")
     cfg = config.AppConfig.model_validate(
         scenario.app_args(mode, "models/small-llama", "small-llama", 2048))
-    assert cfg.mode == mode
+    assert cfg.mode == ("aggregated" if mode == "aggregated" else "disaggregated")
+    assert cfg.routing.policy == ("kv" if mode == "conditional" else "power_of_two")
     assert sum(p.num_replicas for _, p in cfg.phases()) == 2  # same two cores either way
     serve = scenario.serve_config(mode, "models/small-llama", "small-llama", "127.0.0.1", 8000,
                                   2048)
