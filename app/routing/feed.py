@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 import zmq
+import zmq.utils.monitor
 
 from app.routing.kv_index import (
     AllBlocksCleared,
@@ -71,7 +72,8 @@ class EventFeed:
         self._decode_load = msgspec.msgpack.Decoder().decode
         self._commands: queue.Queue = queue.Queue()
         self._wanted: dict[str, Endpoints] = {}
-        self.counters = {"batches": 0, "gaps": 0, "replays": 0, "resets": 0, "reports": 0}
+        self.counters = {"batches": 0, "gaps": 0, "replays": 0, "resets": 0, "reports": 0,
+                         "disconnects": 0}
         self._running = True
         self._thread = threading.Thread(target=self._run, name="kv-event-feed", daemon=True)
         self._thread.start()
@@ -108,6 +110,12 @@ class EventFeed:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                     if kind == "kv":
                         self._on_kv(ctx, replica, endpoints[replica], frames)
+                    elif kind == "monitor":
+                        if zmq.utils.monitor.parse_monitor_message(frames)["event"] == \
+                                zmq.EVENT_DISCONNECTED:
+                            with self.lock:
+                                self.loads.mark_down(replica)
+                            self.counters["disconnects"] += 1
                     else:
                         report = self._decode_load(frames[-1])
                         with self.lock:
@@ -149,6 +157,13 @@ class EventFeed:
                 poller.register(s, zmq.POLLIN)
                 owner[s] = (replica, kind)
                 socks.append(s)
+                if kind == "load":
+                    # A replica's process dying closes this TCP connection at once: take it out
+                    # of routing now, not when its heartbeat goes stale.
+                    monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                    poller.register(monitor, zmq.POLLIN)
+                    owner[monitor] = (replica, "monitor")
+                    socks.append(monitor)
             subs[replica] = socks
             if ep.kv_events:
                 self._replay(ctx, replica, ep, 0)  # blocks stored before we subscribed

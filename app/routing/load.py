@@ -56,6 +56,13 @@ class LoadBook:
         covered = now - self.report_lag_s
         state.bookings = [b for b in state.bookings if b.at > covered]
 
+    def mark_down(self, replica: str) -> None:
+        """Its connection dropped (the process died or restarted): out of routing until it
+        reports again."""
+        state = self._replicas.get(replica)
+        if state is not None:
+            state.reported_at = float("-inf")
+
     def book(self, replica: str, prefill_tokens: int, kv_blocks: int) -> None:
         state = self._replicas.get(replica)
         if state is not None:

@@ -50,6 +50,10 @@ def test_heartbeat_decides_liveness():
     assert not book.alive("r")
     book.report("r", {})
     assert book.alive("r")
+    book.mark_down("r")  # its socket dropped: out at once
+    assert not book.alive("r")
+    book.report("r", {})  # back (a reconnect, then a report)
+    assert book.alive("r")
     book.remove("r")
     assert not book.alive("r") and book.load("r").running == 0
     book.report("r", {"running": 5})  # a late report of a removed replica is ignored
