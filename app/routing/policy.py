@@ -17,9 +17,9 @@ Ties go to the lower load, then to a random pick (the caller shuffles candidates
 
 Conditional disaggregation: prefill on the decode replica itself when what it would compute is
 small (below ``local_prefill_max_tokens``: a remote prefill's fixed handoff cost outweighs the
-compute it saves), or when every prefill replica is saturated and the decode replica has
-slack. Otherwise prefill remotely on the replica with the most cached blocks, penalised by its
-queued prefill tokens.
+compute it saves) and no prefill replica holds more of the prompt, or when every prefill
+replica is saturated and the decode replica has slack. Otherwise prefill remotely on the
+replica with the most cached blocks, penalised by its queued prefill tokens.
 """
 
 from __future__ import annotations
@@ -127,13 +127,17 @@ def plan_prefill(prompt_tokens: int, decode: Scored, prefill_pool: Sequence[Cand
     """Local or remote prefill for a request already placed on ``decode``."""
     cached_tokens = min(decode.cached_blocks * block_size, prompt_tokens)
     uncached = prompt_tokens - cached_tokens
-    # Nothing worth shipping: say why, so operators can tell cache wins from short prompts.
-    if prompt_tokens < w.local_prefill_max_tokens:
-        return PrefillPlan.LOCAL_SHORT
-    if uncached < w.local_prefill_max_tokens:
-        return PrefillPlan.LOCAL_CACHED
     if not prefill_pool:
         return PrefillPlan.LOCAL_BUSY
+    best_prefill_cached = max(c.cached_blocks for c in prefill_pool) * block_size
+    # A prefill replica holding more of the prompt than decode (by over a block) would compute
+    # less: keep its cache hit rather than recompute the prefix on decode.
+    prefill_holds_more = best_prefill_cached > cached_tokens + block_size
+    if uncached < w.local_prefill_max_tokens and not prefill_holds_more:
+        # Nothing worth shipping: say why, so operators tell cache wins from short prompts.
+        if prompt_tokens < w.local_prefill_max_tokens:
+            return PrefillPlan.LOCAL_SHORT
+        return PrefillPlan.LOCAL_CACHED
     least_queued = min(c.load.queued_prefill_tokens for c in prefill_pool)
     decode_work = decode.load.queued_prefill_tokens + uncached
     if least_queued >= w.prefill_saturated_tokens and decode_work <= w.decode_slack_tokens:

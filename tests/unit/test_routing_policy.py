@@ -114,3 +114,11 @@ def test_decide_end_to_end():
     assert d.prefill.replica == "p1"
     d = decide(1000, BS, [Candidate("d1", 31, ReplicaLoad())], prefill, W)
     assert d.plan is PrefillPlan.LOCAL_CACHED and d.prefill is None
+
+
+def test_a_prefill_replica_holding_more_of_a_short_prompt_keeps_it_remote():
+    # 200 tokens (6 full blocks), decode holds none, a prefill replica holds 5 blocks.
+    holder = [Candidate("p", 5, ReplicaLoad())]
+    assert plan_prefill(200, _scored(0), holder, BS, W) is PrefillPlan.REMOTE
+    # One block more on prefill is not worth a handoff.
+    assert plan_prefill(200, _scored(4), holder, BS, W) is PrefillPlan.LOCAL_SHORT
