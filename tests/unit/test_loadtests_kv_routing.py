@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 
 from loadtests.mdsection import markers
-from loadtests.prompts import TokenSpace
 from loadtests.scenarios import kv_routing as scenario
 from loadtests.traces import TraceRecord
 
-SPACE = TokenSpace.for_vocab(8192)
 B = scenario.BLOCK
+# A stand-in for the model's single-token words: (token id, text), 500 of them.
+WORDS = [(1000 + i, " w" + "".join(chr(97 + int(d)) for d in str(i))) for i in range(500)]
+WORD_IDS = {i for i, _ in WORDS}
 
 
 def _workload(rows, max_model_len=2048, max_output=32, rate=None):
-    return scenario.build_workload(rows, space=SPACE, seed=0, max_model_len=max_model_len,
+    return scenario.build_workload(rows, words=WORDS, seed=0, max_model_len=max_model_len,
                                    max_output=max_output, min_output=2, rate=rate)
 
 
@@ -31,7 +32,20 @@ def test_hash_id_blocks_are_deterministic_and_shared_exactly_by_prefix() -> None
     assert a[:B] != c[:B] and a[B: 2 * B] == c[B: 2 * B]  # same id, same block anywhere
     again = _workload(rows)  # a pure function of (id, seed)
     assert [t.request.prompt for t in again] == [a, b, c]
-    assert all(SPACE.lo <= tok < SPACE.hi for tok in a + b + c)
+    assert set(a + b + c) <= WORD_IDS
+    text = {i: t for i, t in WORDS}
+    for t in again:  # the text is exactly the ids' words, in order
+        assert t.request.prompt_text == "".join(text[i] for i in t.request.prompt)
+
+
+def test_warmup_prompts_share_no_block_with_the_workload() -> None:
+    rows = [TraceRecord(0.0, 3 * 512, 10, (i, i + 1, i + 2)) for i in range(0, 30, 3)]
+    blocks = {tuple(t.request.prompt[k: k + B]) for t in _workload(rows)
+              for k in range(0, t.request.prompt_len, B)}
+    warm = scenario.warmup_requests(4, WORDS)
+    assert len(warm) == 4 and all(r.prompt_len == 40 for r in warm)
+    assert all(tuple(r.prompt[:B]) not in blocks for r in warm)
+    assert all(r.prompt_text == "".join(dict(WORDS)[i] for i in r.prompt) for r in warm)
 
 
 def test_prompts_are_capped_by_dropping_trailing_ids() -> None:
@@ -191,9 +205,47 @@ def test_docs_section_is_written_between_its_markers(tmp_path: Path) -> None:
     body = scenario.docs_section(results)
     assert body.startswith("## KV-aware routing on the Mooncake trace (issue 7)")
     assert "| kv | 1 | 0 | 100.0 |" in body and "**FAIL**" in body
+    assert "Other vLLM engines" not in body
+    results["kv"]["summary"]["contention"] = {
+        "start": {"loadavg_1m": 9.0, "foreign_engines": 3},
+        "end": {"loadavg_1m": 4.0, "foreign_engines": 0}}
+    assert "kv 3/0, 9.0/4.0" in scenario.docs_section(results)  # noisy neighbours are said
+    # A policy rerun on its own joins with its own command line; another workload cannot.
+    results["kv"]["meta"] = {**meta, "command": "... --policies kv", "date": "20260102-000000"}
+    assert "- kv: `... --policies kv` (20260102-000000" in scenario.docs_section(results)
+    results["kv"]["meta"] = {**meta, "workload": {**meta["workload"], "rate": 2.0}}
+    with pytest.raises(ValueError):
+        scenario.docs_section(results)
     docs = tmp_path / "BENCHMARKS.md"
     docs.write_text("# Benchmarks\n\nother text\n")
     scenario.update_file(docs, scenario.SECTION, body)
     text = docs.read_text()
     start, end = markers(scenario.SECTION)
     assert text.startswith("# Benchmarks\n\nother text\n") and start in text and end in text
+
+
+def test_word_vocabulary_texts_tokenize_back_to_their_ids(tmp_path: Path) -> None:
+    """On a small byte-level BPE like the model's: the words found are single tokens, and a
+    workload's texts tokenize to exactly its ids (what the scenario checks before running)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    names = ["cache", "block", "prefill", "decode", "token", "route", "engine", "queue"]
+    corpus = [" ".join(names[(i * k) % len(names)] for k in range(1, 12)) + ", 42!"
+              for i in range(200)]
+    tok.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    words = scenario.word_vocabulary(path)
+    assert {text for _, text in words} >= {" " + n for n in names}
+    assert all(tok.encode(text).ids == [i] for i, text in words)
+    rows = [TraceRecord(0.0, 2 * 512, 4, (1, 2)), TraceRecord(1.0, 3 * 512, 4, (1, 2, 3))]
+    workload = scenario.build_workload(rows, words=words, seed=0, max_model_len=2048,
+                                       max_output=32, min_output=2, rate=None)
+    assert scenario.check_round_trip(path, workload) == 0
+    workload[0].request.prompt = workload[0].request.prompt[1:]  # a broken one is caught
+    assert scenario.check_round_trip(path, workload) == 1
