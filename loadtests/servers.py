@@ -34,6 +34,17 @@ def start_serve_run(config_path: Path, log: Path, cwd: str | Path, env: dict[str
     return start_logged(serve_run_command(config_path), log, cwd, {**env, **ray_env})
 
 
+def repo_env() -> dict[str, str]:
+    """This environment with the repository root first on PYTHONPATH, so ``serve run``
+    imports ``app`` from this checkout."""
+    from loadtests.traces import repo_root
+
+    env = dict(os.environ)
+    root = str(repo_root())
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def port_free(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

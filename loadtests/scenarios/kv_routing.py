@@ -70,7 +70,7 @@ from loadtests.mdsection import update_file
 from loadtests.metrics import RequestRecord, percentile
 from loadtests.prompts import TokenSpace, random_tokens
 from loadtests.runner import run_load
-from loadtests.servers import port_free, start_serve_run, stop_process_group, wait_ready
+from loadtests.servers import port_free, repo_env, start_serve_run, stop_process_group, wait_ready
 from loadtests.spec import MooncakeSpec
 from loadtests.traces import (
     TraceRecord,
@@ -698,9 +698,8 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Sequence[TraceRe
     config_path = out / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(serve_config(policy, args, port), sort_keys=False))
     log = out / "serve.log"
-    env = dict(os.environ)
+    env = repo_env()
     root = str(repo_root())
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     console.rule(f"{policy}: starting the app on port {port} ({_rel(config_path)})")
     proc = start_serve_run(config_path, log, root, env)
     base = f"http://{args.host}:{port}"

@@ -34,6 +34,7 @@ from loadtests.mdsection import update_file
 from loadtests.metrics import SLO
 from loadtests.servers import (
     port_free,
+    repo_env,
     start_serve_run,
     stop_process_group,
     wait_ready,
@@ -120,9 +121,8 @@ def run_mode(mode: str, args: argparse.Namespace, command: str, console: Console
     if not port_free(args.host, args.port):
         raise RuntimeError(f"{args.host}:{args.port} is in use; stop whatever serves there")
     log = out / "serve.log"
-    env = dict(os.environ)
+    env = repo_env()
     root = str(repo_root())
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     console.rule(f"{mode}: starting the app ({config_path})")
     proc = start_serve_run(config_path, log, root, env)
     base = f"http://{args.host}:{args.port}"
