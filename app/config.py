@@ -119,17 +119,12 @@ class RoutingConfig(_Strict):
         "None = the node IP. The sockets bind on all interfaces.")
 
     def weights(self):
+        """The policy's weights and thresholds: the fields both classes share."""
+        from dataclasses import fields
+
         from app.routing.policy import RoutingWeights
 
-        return RoutingWeights(
-            prefill_weight=self.prefill_weight,
-            decode_weight=self.decode_weight,
-            kv_usage_weight=self.kv_usage_weight,
-            prefill_queue_weight=self.prefill_queue_weight,
-            local_prefill_max_tokens=self.local_prefill_max_tokens,
-            prefill_saturated_tokens=self.prefill_saturated_tokens,
-            decode_slack_tokens=self.decode_slack_tokens,
-        )
+        return RoutingWeights(**{f.name: getattr(self, f.name) for f in fields(RoutingWeights)})
 
 
 class AppConfig(_Strict):

@@ -118,10 +118,9 @@ class EngineServer:
                 "endpoint": f"tcp://*:{ports[0]}", "replay_endpoint": f"tcp://*:{ports[1]}"}
 
     def _start_load_reports(self, cfg: AppConfig) -> None:
-        self.inflight = InFlight()
         self.publisher = LoadPublisher(self._load_report,
                                        cfg.routing.advertise_host or _node_ip())
-        self.inflight._on_change = self.publisher.changed
+        self.inflight = InFlight(on_change=self.publisher.changed)
         collector = self.host.stats_collector
         collector.listener = self.publisher.changed
         self.tracker = RequestTracker(self.inflight, self.role, collector.expect_finish,
