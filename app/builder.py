@@ -22,15 +22,38 @@ PREFIX_AFFINITY_ROUTER = ("ray.llm._internal.serve.routing_policies.prefix_aware
                           "prefix_aware_router:PrefixCacheAffinityRouter")
 
 
-def _engine_options(phase: PhaseConfig) -> dict[str, Any]:
+def _engine_options(cfg: AppConfig, name: str) -> dict[str, Any]:
+    phase: PhaseConfig = getattr(cfg, name)
     return {
-        "num_replicas": phase.num_replicas,
+        **_replicas(cfg, name, phase),
         "ray_actor_options": phase.ray_actor_options,
         "max_ongoing_requests": phase.max_ongoing_requests,
         # Engine start-up (weights, KV cache, warm-up) takes minutes on big models.
         "health_check_timeout_s": 60,
         "graceful_shutdown_timeout_s": 30,
     }
+
+
+def _replicas(cfg: AppConfig, name: str, phase: PhaseConfig) -> dict[str, Any]:
+    """A fixed count, or Ray autoscaling driven by our policy. Ray's own delays and factors
+    are neutral: the coordinator (autoscaling/coordinator.py) owns hysteresis and cooldowns,
+    so the simulator runs the same decisions."""
+    s = cfg.autoscaling
+    if not s.enabled:
+        return {"num_replicas": phase.num_replicas}
+    bounds = getattr(s, name)
+    return {"autoscaling_config": {
+        "min_replicas": bounds.min_replicas,
+        "initial_replicas": phase.num_replicas,
+        "max_replicas": bounds.max_replicas,
+        "upscale_delay_s": 0,
+        "downscale_delay_s": 0,
+        "downscale_to_zero_delay_s": 0,
+        "look_back_period_s": s.look_back_period_s,
+        "metrics_interval_s": s.metrics_interval_s,
+        "policy": {"policy_function": "autoscaling.policies:PhasePolicy",
+                   "policy_kwargs": {"phase": name, "settings": s.model_dump()}},
+    }}
 
 
 def _router(cls: str) -> dict[str, Any]:
@@ -43,6 +66,13 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     local = Path(cfg.model.path)
     if local.exists():  # replicas may run elsewhere than the caller's cwd
         cfg.model.path = str(local.resolve())
+    if cfg.autoscaling.enabled:
+        from autoscaling.profile_model import Profile
+
+        profile = Path(cfg.autoscaling.profile)
+        if profile.exists():  # the policies run in Ray's controller, elsewhere
+            cfg.autoscaling.profile = str(profile.resolve())
+        Profile.load(cfg.autoscaling.profile)  # a missing or bad profile fails the deploy
     raw = cfg.model_dump()
     policy = cfg.routing.policy
     if policy == "kv" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
@@ -55,14 +85,14 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     kv = policy == "kv"
     front_router = _router(f"{_POOL_ROUTERS}:DecodePoolRouter") if kv else {}
     if cfg.mode == "aggregated":
-        front = AggregatedServer.options(**_engine_options(cfg.aggregated), **front_router)
+        front = AggregatedServer.options(**_engine_options(cfg, "aggregated"), **front_router)
         app = front.bind(raw)
         return app._with_ingress_request_router(KVRouterServer.bind(raw, app)) if kv else app
     prefill_router_cls = {"kv": f"{_POOL_ROUTERS}:PrefillPoolRouter",
                           "prefix_affinity": PREFIX_AFFINITY_ROUTER}.get(policy)
     prefill_router = _router(prefill_router_cls) if prefill_router_cls else {}
-    prefill = PrefillServer.options(**_engine_options(cfg.prefill), **prefill_router).bind(raw)
-    app = DecodeServer.options(**_engine_options(cfg.decode), **front_router).bind(raw, prefill)
+    prefill = PrefillServer.options(**_engine_options(cfg, "prefill"), **prefill_router).bind(raw)
+    app = DecodeServer.options(**_engine_options(cfg, "decode"), **front_router).bind(raw, prefill)
     if kv:
         # HAProxy asks the router (POST /internal/route) which decode replica gets each request.
         app._with_ingress_request_router(KVRouterServer.bind(raw, app, prefill))

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from autoscaling.settings import AutoscalingSettings
+
 Mode = Literal["disaggregated", "aggregated"]
 
 
@@ -139,6 +141,9 @@ class AppConfig(_Strict):
     nixl: NixlConfig = Field(default_factory=NixlConfig)
     engine_process: EngineProcessConfig = Field(default_factory=EngineProcessConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    autoscaling: AutoscalingSettings = Field(
+        default_factory=AutoscalingSettings,
+        description="Per-phase SLO autoscaling (autoscaling/); off = fixed num_replicas.")
     log_level: str = Field("ERROR", description="vLLM log level inside engine replicas.")
 
     @model_validator(mode="after")
@@ -151,6 +156,19 @@ class AppConfig(_Strict):
                         f"{name or 'engine_args'}: set '{key}' through model/nixl settings, "
                         "not engine_args (they must agree across phases)"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _start_within_bounds(self) -> AppConfig:
+        if not self.autoscaling.enabled:
+            return self
+        for name, phase in self.phases():
+            b = getattr(self.autoscaling, name)
+            if not b.min_replicas <= phase.num_replicas <= b.max_replicas:
+                raise ValueError(
+                    f"{name}.num_replicas ({phase.num_replicas}) is the starting size and "
+                    f"must lie within autoscaling.{name} [{b.min_replicas}, "
+                    f"{b.max_replicas}]")
         return self
 
     def phases(self) -> list[tuple[str, PhaseConfig]]:

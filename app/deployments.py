@@ -120,8 +120,10 @@ class EngineServer:
     def _start_load_reports(self, cfg: AppConfig) -> None:
         self.publisher = LoadPublisher(self._load_report,
                                        cfg.routing.advertise_host or _node_ip())
-        self.inflight = InFlight(on_change=self.publisher.changed)
         collector = self.host.stats_collector
+        collector.arrivals_at_finish = False  # the router's hints say it on arrival instead
+        self.inflight = InFlight(on_change=self.publisher.changed,
+                                 on_begin=collector.signals.observe_arrival)
         collector.listener = self.publisher.changed
         self.tracker = RequestTracker(self.inflight, self.role, collector.expect_finish,
                                       record_prediction)
@@ -138,6 +140,17 @@ class EngineServer:
                                       * engine.get("kv_num_blocks", 0)),
             "engine": engine,
         }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray calls this when the deployment autoscales (``autoscaling.signals`` keys)."""
+        engine = self.host.stats()
+        if self.tracker is not None:
+            queued = self.inflight.queued_prefill_tokens
+        else:  # no router hints: waiting requests x the mean computed prompt so far
+            done = max(engine.get("finished_requests", 0), 1)
+            queued = engine.get("num_waiting_reqs", 0) * engine.get(
+                "prompt_tokens_computed", 0) / done
+        return self.host.stats_collector.signals.snapshot(engine, queued)
 
     def record_replica_metadata(self) -> dict[str, Any]:
         """Static, read by Ray once the replica is up: where the router subscribes."""

@@ -15,6 +15,8 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from autoscaling.signals import SignalWindow
+
 log = logging.getLogger("ray.serve")
 
 
@@ -35,6 +37,7 @@ class EngineCounters:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the local prefix cache
     prefix_cache_hits: int = 0  # ... and found there
     kv_num_blocks: int = 0
+    kv_block_size: int = 0
 
 
 def _sum_connector_stats(stats: Any, counters: EngineCounters) -> None:
@@ -62,6 +65,10 @@ class EngineStatsCollector(StatLoggerBase):
         self.counters = EngineCounters()
         self._cache_config = getattr(vllm_config, "cache_config", None)
         self.listener: Callable[[], None] | None = None  # told after every engine step
+        # Latencies for the autoscaling signals (autoscaling.signals.SignalWindow).
+        self.signals = SignalWindow()
+        # Without the KV router nobody knows a prompt's size on arrival: count it at finish.
+        self.arrivals_at_finish = True
         # request id -> callback(num_cached_tokens), for router prediction metrics
         self._expected: dict[str, Callable[[int], None]] = {}
 
@@ -90,7 +97,15 @@ class EngineStatsCollector(StatLoggerBase):
             c.prompt_tokens_local_cache_hit += p.local_cache_hit
             c.prompt_tokens_external_kv_transfer += p.external_kv_transfer
             c.generation_tokens += iteration_stats.num_generation_tokens
+            if iteration_stats.time_to_first_tokens_iter:
+                self.signals.observe_ttft(iteration_stats.time_to_first_tokens_iter)
+            if iteration_stats.inter_token_latencies_iter:
+                self.signals.observe_itl(iteration_stats.inter_token_latencies_iter)
             c.finished_requests += len(iteration_stats.finished_requests)
+            if self.arrivals_at_finish:
+                for finished in iteration_stats.finished_requests:
+                    self.signals.observe_arrival(finished.num_prompt_tokens
+                                                 - finished.num_cached_tokens)
             if self._expected:
                 for finished in iteration_stats.finished_requests:
                     self._on_finished(finished)
@@ -111,6 +126,7 @@ class EngineStatsCollector(StatLoggerBase):
     def snapshot(self) -> dict[str, Any]:
         if self._cache_config is not None:
             self.counters.kv_num_blocks = self._cache_config.num_gpu_blocks or 0
+            self.counters.kv_block_size = self._cache_config.block_size or 0
         return asdict(self.counters)
 
 

@@ -28,14 +28,17 @@ class _Entry:
 class InFlight:
     """Requests this replica holds and the prompt tokens it has yet to prefill for them."""
 
-    def __init__(self, on_change=None):
+    def __init__(self, on_change=None, on_begin=None):
         self._entries: dict[int, _Entry] = {}
         self._next = 0
         self._on_change = on_change or (lambda: None)
+        self._on_begin = on_begin or (lambda tokens: None)  # autoscaling: prompt arrivals
 
     def begin(self, prefill_tokens: int) -> int:
         self._next += 1
         self._entries[self._next] = _Entry(max(prefill_tokens, 0))
+        if prefill_tokens > 0:
+            self._on_begin(prefill_tokens)
         self._on_change()
         return self._next
 

@@ -76,6 +76,30 @@ def deploy(cfg: dict[str, Any], name: str, route_prefix: str) -> None:
     serve.run(build_app(cfg), name=name, route_prefix=route_prefix)
 
 
+def deploy_config(cfg: dict[str, Any], name: str, route_prefix: str,
+                  app_autoscaling_policy: str | None = None, timeout_s: float = 300) -> None:
+    """Deploy as ``serve run <yaml>`` does (a config, not a bound app): only a config carries
+    an application-level ``autoscaling_policy``."""
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    app: dict[str, Any] = {"name": name, "route_prefix": route_prefix,
+                           "import_path": "app.builder:build_app", "args": cfg}
+    if app_autoscaling_policy:
+        app["autoscaling_policy"] = {"policy_function": app_autoscaling_policy}
+    serve_start().deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
+
+    def running() -> bool:
+        from ray import serve
+
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"app {name} failed to deploy: {status.message}")
+        return status is not None and status.status == "RUNNING"
+
+    wait_until(running, timeout_s, interval=1.0, what=f"app {name} RUNNING")
+
+
 def stop_serve() -> None:
     import ray
     from ray import serve

@@ -95,3 +95,35 @@ def test_zero_shm_busy_loop_is_rejected():
                 "engine_process": {"shm_busy_loop_s": 0},
             }
         )
+
+
+def test_local_autoscaling_config_wires_both_policies():
+    """The YAML's app-level policy and the builder's per-deployment autoscaling_config."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from app.builder import _engine_options
+
+    raw = yaml.safe_load((CONFIGS / "local_autoscaling.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw)  # what `serve run` parses
+    assert schema.applications[0].autoscaling_policy["policy_function"] == (
+        "autoscaling.policies:PDAppPolicy")
+    cfg = AppConfig.model_validate(raw["applications"][0]["args"])
+    assert cfg.autoscaling.enabled and cfg.autoscaling.budget == 4
+    opts = _engine_options(cfg, "prefill")
+    assert "num_replicas" not in opts
+    auto = opts["autoscaling_config"]
+    assert (auto["min_replicas"], auto["initial_replicas"], auto["max_replicas"]) == (1, 1, 2)
+    assert auto["policy"]["policy_kwargs"]["phase"] == "prefill"
+    assert auto["policy"]["policy_kwargs"]["settings"]["ttft_slo_ms"] == 1000
+    # Ray's own delays are neutral: the coordinator owns hysteresis and cooldowns.
+    assert auto["upscale_delay_s"] == auto["downscale_delay_s"] == 0
+    from ray.serve.config import AutoscalingConfig
+
+    AutoscalingConfig(**auto)  # Ray accepts it as is
+
+
+def test_fixed_replicas_without_autoscaling():
+    from app.builder import _engine_options
+
+    cfg = AppConfig.model_validate(_app_args("local.yaml"))
+    assert _engine_options(cfg, "decode")["num_replicas"] == 1

@@ -1,0 +1,208 @@
+"""Capacity profile of one engine replica: the curves every scaling decision and the simulator read.
+
+A profile is a JSON file (``autoscaling/profiles/*.json``) written by ``python -m
+autoscaling.profile`` from a running engine (CPU) or converted from published GPU perf tables
+(``python -m autoscaling.profile aiconfigurator``). It holds measured points only; the
+latency functions below interpolate them, so the policies never invent capacity.
+
+- prefill: latency of one engine step that computes ``tokens`` prompt tokens (a lone prompt,
+  or a batch of prompts whose prompt tokens sum to ``tokens``: chunked prefill makes the two
+  cost alike on one engine);
+- decode: inter-token latency with ``batch`` running sequences of ``context`` tokens each;
+- kv: bytes of KV per token, KV capacity per replica, and the time to move ``bytes`` between
+  replicas (NIXL), fitted as ``fixed_ms + bytes / bandwidth``;
+- startup_s: time from "replica requested" to "replica serving".
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrefillPoint(_Strict):
+    tokens: int = Field(gt=0, description="Prompt tokens computed in the step (batch sum).")
+    batch: int = Field(1, ge=1, description="Prompts in the step.")
+    ms: float = Field(gt=0, description="Step latency.")
+
+
+class DecodePoint(_Strict):
+    batch: int = Field(ge=1, description="Running sequences.")
+    context: int = Field(ge=1, description="Tokens of context per sequence.")
+    itl_ms: float = Field(gt=0, description="Inter-token latency at that batch and context.")
+
+
+class TransferPoint(_Strict):
+    bytes: int = Field(gt=0)
+    ms: float = Field(gt=0)
+
+
+class KVProfile(_Strict):
+    bytes_per_token: int = Field(gt=0, description="KV bytes per token (all layers).")
+    capacity_tokens: int = Field(gt=0, description="Tokens of KV one replica holds.")
+    transfer: list[TransferPoint] = Field(
+        default_factory=list, description="Measured KV hand-offs between a prefill and a "
+        "decode replica: bytes moved and the time it took.")
+
+
+class Profile(_Strict):
+    name: str
+    model: str
+    hardware: str
+    engine: str
+    source: str = Field(description="Where the numbers come from: the command and date of a "
+                        "measurement, or the published table they were converted from.")
+    max_num_batched_tokens: int = Field(gt=0, description="Prompt tokens one engine step takes.")
+    max_num_seqs: int = Field(gt=0)
+    startup_s: float = Field(gt=0)
+    prefill: list[PrefillPoint] = Field(min_length=2)
+    decode: list[DecodePoint] = Field(min_length=2)
+    kv: KVProfile
+    notes: list[str] = Field(default_factory=list)
+
+    @field_validator("prefill")
+    @classmethod
+    def _distinct_tokens(cls, points: list[PrefillPoint]) -> list[PrefillPoint]:
+        if len({p.tokens for p in points}) < 2:
+            raise ValueError("prefill needs points at two or more token counts")
+        return points
+
+    # --- loading ------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> Profile:
+        """A path to a JSON file, or the name of a committed profile (``cpu-tiny-llama``)."""
+        path = Path(name_or_path)
+        if not path.exists():
+            path = PROFILE_DIR / f"{name_or_path}.json"
+        if not path.exists():
+            known = sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+            raise FileNotFoundError(f"no profile {name_or_path!r}; committed profiles: {known}")
+        return cls.model_validate(json.loads(path.read_text()))
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.model_dump(), indent=1) + "\n")
+
+    # --- prefill ------------------------------------------------------------------------------
+
+    @cached_property
+    def _prefill_curve(self) -> tuple[list[float], list[float]]:
+        by_tokens: dict[int, list[float]] = {}
+        for p in self.prefill:
+            by_tokens.setdefault(p.tokens, []).append(p.ms)
+        xs = sorted(by_tokens)
+        return [float(x) for x in xs], [sum(by_tokens[x]) / len(by_tokens[x]) for x in xs]
+
+    def prefill_ms(self, tokens: float) -> float:
+        """Latency of a step computing ``tokens`` prompt tokens (longer prompts take several
+        steps of ``max_num_batched_tokens``)."""
+        if tokens <= 0:
+            return 0.0
+        full, rest = divmod(tokens, self.max_num_batched_tokens)
+        ms = full * _interp(*self._prefill_curve, self.max_num_batched_tokens)
+        return ms + (_interp(*self._prefill_curve, rest) if rest > 0 else 0.0)
+
+    @cached_property
+    def prefill_tokens_per_s(self) -> float:
+        """Saturated prefill throughput: full steps of ``max_num_batched_tokens``."""
+        return self.max_num_batched_tokens / self.prefill_ms(self.max_num_batched_tokens) * 1e3
+
+    # --- decode -------------------------------------------------------------------------------
+
+    @cached_property
+    def _decode_fit(self) -> tuple[float, float, float]:
+        """Least squares ``itl = a + b*batch + c*batch*context`` (weights then attention)."""
+        rows = [(1.0, p.batch, p.batch * p.context) for p in self.decode]
+        ys = [p.itl_ms for p in self.decode]
+        a, b, c = _lstsq3(rows, ys)
+        # A noisy fit must not predict faster decoding for bigger batches.
+        return a, max(b, 0.0), max(c, 0.0)
+
+    def itl_ms(self, batch: float, context: float) -> float:
+        a, b, c = self._decode_fit
+        return max(a + b * max(batch, 1) + c * max(batch, 1) * max(context, 1), 1e-3)
+
+    def max_decode_batch(self, context: float, itl_slo_ms: float) -> int:
+        """Largest batch whose ITL at ``context`` stays within the SLO (at least 1)."""
+        lo, hi = 1, self.max_num_seqs
+        if self.itl_ms(hi, context) <= itl_slo_ms:
+            return hi
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.itl_ms(mid, context) <= itl_slo_ms:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    # --- KV transfer --------------------------------------------------------------------------
+
+    @cached_property
+    def _transfer_fit(self) -> tuple[float, float]:
+        """(fixed ms, ms per byte) from the measured hand-offs; 0 cost without any."""
+        pts = self.kv.transfer
+        if not pts:
+            return 0.0, 0.0
+        if len({p.bytes for p in pts}) < 2:
+            p = pts[0]
+            return 0.0, p.ms / p.bytes
+        xs, ys = [float(p.bytes) for p in pts], [p.ms for p in pts]
+        n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        slope = max(sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx, 0.0)
+        return max(my - slope * mx, 0.0), slope if n else 0.0
+
+    def transfer_ms(self, tokens: float) -> float:
+        if tokens <= 0:
+            return 0.0
+        fixed, per_byte = self._transfer_fit
+        return fixed + per_byte * tokens * self.kv.bytes_per_token
+
+
+def _interp(xs: list[float], ys: list[float], x: float) -> float:
+    """Piecewise linear; beyond the ends, the slope of the nearest segment (never below 0)."""
+    i = bisect.bisect_left(xs, x)
+    if i == 0:
+        i = 1
+    elif i >= len(xs):
+        i = len(xs) - 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    if x < xs[0]:  # below the smallest point: scale down proportionally, not linearly to < 0
+        y = ys[0] * x / xs[0] if xs[0] > 0 else ys[0]
+    return max(y, 1e-3)
+
+
+def _lstsq3(rows: list[tuple[float, float, float]], ys: list[float]) -> tuple[float, float, float]:
+    """Normal equations for three unknowns (no numpy needed in the policy process)."""
+    m = [[sum(r[i] * r[j] for r in rows) for j in range(3)] for i in range(3)]
+    v = [sum(r[i] * y for r, y in zip(rows, ys, strict=True)) for i in range(3)]
+    # Tiny ridge keeps a degenerate grid (one context only) solvable.
+    for i in range(3):
+        m[i][i] += 1e-9 * (m[i][i] or 1.0)
+    return tuple(_solve3(m, v))  # type: ignore[return-value]
+
+
+def _solve3(m: list[list[float]], v: list[float]) -> list[float]:
+    a = [row[:] + [v[i]] for i, row in enumerate(m)]
+    for col in range(3):
+        piv = max(range(col, 3), key=lambda r: abs(a[r][col]))
+        a[col], a[piv] = a[piv], a[col]
+        if abs(a[col][col]) < 1e-300:
+            continue
+        for r in range(3):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                for k in range(col, 4):
+                    a[r][k] -= f * a[col][k]
+    return [a[i][3] / a[i][i] if abs(a[i][i]) > 1e-300 else 0.0 for i in range(3)]
