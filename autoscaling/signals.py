@@ -139,6 +139,7 @@ def prefill_signals(m: Metrics) -> PrefillSignals:
 def decode_signals(m: Metrics) -> DecodeSignals:
     return DecodeSignals(
         sequences=_sum(m, RUNNING) + _sum(m, WAITING),
+        generation_tokens_per_s=_sum(m, GENERATION_TOKENS_PER_S),
         mean_context_tokens=_weighted_mean(m, CONTEXT_TOKENS, RUNNING),
         kv_usage=_mean(m, KV_USAGE),
         itl_p90_ms=_observed_p90(m, ITL_P90, ITL_SAMPLES),

@@ -27,6 +27,7 @@ class DecodeSignals:
     """Summed over the decode pool."""
 
     sequences: float = 0.0  # running + waiting sequences
+    generation_tokens_per_s: float = 0.0  # tokens the pool generates per second
     mean_context_tokens: float = 0.0  # prompt + generated tokens of a running sequence
     kv_usage: float = 0.0  # mean KV-cache fill of the replicas, 0..1
     itl_p90_ms: float | None = None
@@ -60,17 +61,33 @@ def prefill_demand(sig: PrefillSignals, profile: Profile, ttft_slo_ms: float,
     return Demand(replicas, reason)
 
 
+def decode_rate_per_replica(profile: Profile, context: float, itl_slo_ms: float,
+                            kv_target_usage: float) -> tuple[int, float]:
+    """(batch, generated tokens/s) one replica sustains at ``context`` within the ITL SLO and
+    its planned KV fill."""
+    kv_batch = profile.kv.capacity_tokens * kv_target_usage / max(context, 1.0)
+    batch = max(min(profile.max_decode_batch(context, itl_slo_ms), int(kv_batch)), 1)
+    return batch, batch * 1e3 / profile.itl_ms(batch, context)
+
+
 def decode_demand(sig: DecodeSignals, profile: Profile, itl_slo_ms: float,
                   kv_target_usage: float, current: int) -> Demand:
-    """Replicas so that the running sequences fit both the ITL SLO and the KV capacity."""
+    """Replicas so that the generated tokens fit the ITL SLO and the KV capacity.
+
+    Sized on the token *rate*, not on the running-sequence count: that count is rate x output
+    x ITL (Little's law) and grows when a replica is removed, which made decode flap between
+    sizes (measured in the simulator). KV is sized on what the engines hold, the only signal
+    that sees long contexts before they preempt.
+    """
     context = max(sig.mean_context_tokens, 1.0)
-    batch = profile.max_decode_batch(context, itl_slo_ms)
-    by_itl = sig.sequences / batch
+    batch, rate = decode_rate_per_replica(profile, context, itl_slo_ms, kv_target_usage)
+    by_rate = sig.generation_tokens_per_s / rate
     by_kv_model = sig.sequences * context / (profile.kv.capacity_tokens * kv_target_usage)
     by_kv_seen = current * sig.kv_usage / kv_target_usage  # what the engines report
-    replicas = max(by_itl, by_kv_model, by_kv_seen)
-    reason = (f"{sig.sequences:.0f} seqs x {context:.0f} ctx: ITL allows {batch}/replica, "
-              f"KV {max(by_kv_model, by_kv_seen):.2f} replicas")
+    replicas = max(by_rate, by_kv_model, by_kv_seen)
+    reason = (f"{sig.generation_tokens_per_s:.0f} tok/s at {context:.0f} ctx vs {rate:.0f} "
+              f"tok/s per replica (batch {batch}); KV {max(by_kv_model, by_kv_seen):.2f} "
+              "replicas")
     if (sig.itl_p90_ms is not None and sig.itl_p90_ms > itl_slo_ms
             and sig.sequences > current and replicas <= current):
         return Demand(current + 1, f"ITL p90 {sig.itl_p90_ms:.0f} ms > SLO with "

@@ -85,9 +85,15 @@ def test_prefill_ttft_breach_with_queue_asks_one_more():
 
 
 def test_decode_demand_itl_and_kv_bounds():
-    # 38 sequences at 1024 context: ITL allows 19 per replica -> 2 replicas.
-    s = DecodeSignals(sequences=38, mean_context_tokens=1024, kv_usage=0.1)
+    # At 1024 context ITL allows 19 sequences per replica: 19 / 48.456 ms = 392 tok/s.
+    per_replica = 19 * 1e3 / (10 + 19 + 19 * 1.024)
+    s = DecodeSignals(sequences=38, generation_tokens_per_s=2 * per_replica,
+                      mean_context_tokens=1024, kv_usage=0.1)
     assert decode_demand(s, PROFILE, 50, 0.8, 1).replicas == pytest.approx(2.0)
+    # The same rate sized at either size: the running-sequence count does not feed back.
+    more = DecodeSignals(sequences=90, generation_tokens_per_s=2 * per_replica,
+                         mean_context_tokens=1024, kv_usage=0.1)
+    assert decode_demand(more, PROFILE, 50, 0.8, 1).replicas == pytest.approx(2.0)
     # KV: 60 x 4000 tokens = 240k tokens / (100k x 0.8) = 3 replicas.
     kv = DecodeSignals(sequences=60, mean_context_tokens=4000)
     assert decode_demand(kv, PROFILE, 10_000, 0.8, 1).replicas == pytest.approx(3.0)

@@ -18,12 +18,15 @@ def test_metrics_construct_and_record():
 class _Finished:
     def __init__(self, request_id, cached):
         self.request_id, self.num_cached_tokens = request_id, cached
+        self.num_prompt_tokens = cached + 10
 
 
 class _Iteration:
     def __init__(self, finished):
         self.finished_requests = finished
         self.num_generation_tokens = 0
+        self.time_to_first_tokens_iter: list[float] = []
+        self.inter_token_latencies_iter: list[float] = []
 
         class _P:
             total = computed = local_cache_hit = external_kv_transfer = 0
