@@ -37,15 +37,14 @@ class PhaseSizer:
 
     def demand(self, metrics: Any, current: int) -> Demand:
         s = self.settings
-        prefill = prefill_demand(prefill_signals(metrics), self.profile, s.ttft_slo_ms,
-                                 s.target_utilization, current)
-        if self.phase == "prefill":
-            return prefill
-        decode = decode_demand(decode_signals(metrics), self.profile, s.itl_slo_ms,
-                               s.kv_target_usage, current)
-        if self.phase == "decode":
-            return decode
-        return max(prefill, decode, key=lambda d: d.replicas)
+        demands = []
+        if self.phase in ("prefill", "aggregated"):
+            demands.append(prefill_demand(prefill_signals(metrics), self.profile,
+                                          s.ttft_slo_ms, s.target_utilization, current))
+        if self.phase in ("decode", "aggregated"):
+            demands.append(decode_demand(decode_signals(metrics), self.profile, s.itl_slo_ms,
+                                         s.kv_target_usage, current))
+        return max(demands, key=lambda d: d.replicas)
 
 
 def _now(ctx: Any) -> float:
