@@ -21,7 +21,8 @@ streamed token-id prompts (fresh random ids per request, so no prefix-cache hits
 2. **disaggregated, prefill on core 0 + decode on core 1** (the scenario's layout): TTFT of
    the same lone prompts; the KV hand-off time at that prompt's KV bytes is
    TTFT(disaggregated) - TTFT(aggregated), medians. The decode engine's NIXL counters
-   (transfers, bytes) check the bytes.
+   (transfers, bytes) check the bytes. Then decode TPOT in this layout, with the prefill
+   engine idle and busy (``PD_DECODE_CONTEXTS``): the profile's ``pd_decode`` factors.
 
 Raw measurements go to ``--work-dir`` (``raw.json``, serve logs); ``--from-raw`` rebuilds the
 profile from them without starting anything.
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -42,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,9 +52,12 @@ from autoscaling.profile import kv_bytes_per_token
 from autoscaling.profile_model import (
     DecodePoint,
     KVProfile,
+    PDDecode,
+    PDDecodePoint,
     PrefillPoint,
     Profile,
     TransferPoint,
+    itl_fit,
 )
 
 GIB = 1024**3
@@ -68,6 +71,16 @@ DECODE_BATCHES = (1, 2, 4, 8, 16)
 DECODE_CONTEXTS = (128, 512, 1024, 1920)
 DECODE_EXTRA = ((32, 128), (32, 512), (64, 128), (64, 512))  # bigger batches, short contexts
 DECODE_WINDOW_STEPS = 24
+# P/D-layout decode: one stream of PD_TOKENS tokens per prompt length, PD_REPEATS times, with
+# the prefill engine idle and while it computes PD_BUSY_PROMPT-token prompts from
+# PD_BUSY_STREAMS back-to-back senders. Its TPOT = (last - first token) / (tokens - 1): under
+# a busy prefill the stream arrives in bursts (the ingress starves for CPU), so gaps within a
+# window mean nothing, only the span does.
+PD_DECODE_CONTEXTS = (256, 512, 1024)
+PD_TOKENS = 96
+PD_REPEATS = 2
+PD_BUSY_PROMPT = 1024
+PD_BUSY_STREAMS = 2
 BLOCKER_PROMPT = 16
 BLOCKER_TOKENS = 64
 
@@ -92,6 +105,8 @@ class Measurements:
     ttft_aggregated: dict[str, list[float]] = field(default_factory=dict)  # tokens -> ms
     ttft_disaggregated: dict[str, list[float]] = field(default_factory=dict)
     decode: list[dict[str, Any]] = field(default_factory=list)  # batch, context, itl_ms, gaps
+    # P/D layout: batch, prompt, context, idle_ms, busy_ms (see PD_DECODE_CONTEXTS)
+    pd_decode: list[dict[str, Any]] = field(default_factory=list)
     kv_num_blocks: int | None = None
     kv_block_size: int | None = None
     startup_s: float | None = None
@@ -197,6 +212,13 @@ def window_itl(streams: Sequence[Sequence[float]], prompt_len: int
     return statistics.fmean(gaps) * 1e3, statistics.fmean(contexts), len(gaps)
 
 
+def stream_tpot(rec) -> float | None:
+    """A stream's TPOT in ms: (last - first token) / (tokens - 1), client-side."""
+    if rec.ttft is None or len(rec.itl) < 1:
+        return None
+    return sum(rec.itl) / len(rec.itl) * 1e3
+
+
 def decode_tokens(batch: int, context: int, max_num_batched_tokens: int,
                   window: int = DECODE_WINDOW_STEPS) -> int:
     """max_tokens per stream so that ``window`` steps remain once all prompts are in: the
@@ -278,6 +300,20 @@ def _spread(m: Measurements) -> str:
             out.append(f"{key}: {min(a):.0f}-{max(a):.0f} | {min(d):.0f}-{max(d):.0f} "
                        f"(n={len(a)}, {len(d)})")
     return "; ".join(out)
+
+
+def pd_decode_of(points: list[dict[str, Any]], decode: list[DecodePoint]) -> PDDecode | None:
+    """The P/D-layout decode factors against the aggregated decode fit (``None`` without
+    points, or with too few aggregated points to fit)."""
+    if not points or len(decode) < 2:
+        return None
+    base = itl_fit(decode)
+    pts = [PDDecodePoint(batch=int(p["batch"]), context=max(1, round(p["context"])),
+                         idle_ms=round(float(p["idle_ms"]), 3),
+                         busy_ms=round(float(p["busy_ms"]), 3)) for p in points]
+    idle = statistics.median(p.idle_ms / base(p.batch, p.context) for p in pts)
+    busy = statistics.median(p.busy_ms / p.idle_ms for p in pts)
+    return PDDecode(points=pts, idle_factor=round(idle, 4), busy_factor=round(busy, 4))
 
 
 def _median_ms(points: list[dict[str, Any]], tokens: int) -> float | None:
@@ -363,6 +399,19 @@ def build_profile(m: Measurements, name: str) -> Profile:
     notes += [f"rejected: {r}" for r in m.rejected[:20]]
     if m.startup_s is None:
         raise ValueError("no startup measurement in the raw data")
+    pd = pd_decode_of(m.pd_decode, decode)
+    if pd is not None:
+        notes.append(
+            f"pd_decode: decode TPOT in the disaggregated layout (prefill core 0, decode core "
+            f"1): one stream of {PD_TOKENS} tokens per c-token prompt, {PD_REPEATS} times, "
+            f"(last - first token) / (tokens - 1) at the client, once with the prefill engine "
+            f"idle and once while {PD_BUSY_STREAMS} senders keep it computing "
+            f"{PD_BUSY_PROMPT}-token prompts (max_tokens=1, so their KV reads hit the decode "
+            f"engine too; the stream then arrives in bursts: the ingress starves for CPU). "
+            f"idle_factor = median(idle / the aggregated decode fit at that "
+            f"batch and context) = {pd.idle_factor:.3f}; busy_factor = median(busy / idle) = "
+            f"{pd.busy_factor:.3f}. The simulator scales a P/D decode step by idle_factor x "
+            f"(1 + (busy_factor - 1) x the share of prefill engines computing).")
     return Profile(
         name=name,
         model=m.model_path,
@@ -375,6 +424,7 @@ def build_profile(m: Measurements, name: str) -> Profile:
         prefill=prefill,
         decode=decode,
         kv=KVProfile(bytes_per_token=bpt, capacity_tokens=capacity, transfer=transfer),
+        pd_decode=pd,
         notes=notes,
     )
 
@@ -462,38 +512,6 @@ def app_config(mode: str, model_path: str, served_name: str, host: str, port: in
     args["engine_args"]["kv_cache_memory_bytes"] = kv_cache_bytes
     args["aggregated"] = {"num_replicas": 1, "cpu_cores": ["0"]}
     return cfg
-
-
-@contextlib.contextmanager
-def running_app(config: dict[str, Any], work: Path, name: str, host: str, port: int,
-                served_name: str, timeout: float = 900) -> Iterator[tuple[str, Any, Path]]:
-    """``serve run`` the config (as the scenario does) until the block exits."""
-    import yaml
-
-    from loadtests.servers import (
-        port_free,
-        repo_env,
-        start_serve_run,
-        stop_process_group,
-        wait_ready,
-    )
-    from loadtests.traces import repo_root
-
-    work.mkdir(parents=True, exist_ok=True)
-    config_path = work / f"{name}.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    if not port_free(host, port):
-        raise RuntimeError(f"{host}:{port} is in use")
-    log = work / f"{name}.log"
-    proc = start_serve_run(config_path, log, str(repo_root()), repo_env())
-    base = f"http://{host}:{port}"
-    try:
-        t0 = time.monotonic()
-        wait_ready(base, served_name, proc, log, timeout)
-        print(f"{name}: ready after {time.monotonic() - t0:.0f} s", file=sys.stderr)
-        yield base, proc, log
-    finally:
-        stop_process_group(proc, host, port)
 
 
 class Probe:
@@ -620,7 +638,8 @@ async def _measure_aggregated(m: Measurements, base: str, served: str, vocab: in
 
 
 async def _measure_disaggregated(m: Measurements, base: str, served: str, vocab: int,
-                                 quick: bool, ttft_repeats: int = TTFT_REPEATS) -> None:
+                                 quick: bool, ttft_repeats: int = TTFT_REPEATS,
+                                 pd_decode: bool = True) -> None:
     from loadtests.client import CompletionsClient
 
     async with CompletionsClient(base, served) as client:
@@ -630,6 +649,38 @@ async def _measure_disaggregated(m: Measurements, base: str, served: str, vocab:
         for tokens in TTFT_SIZES[::2] if quick else TTFT_SIZES:
             m.ttft_disaggregated[str(tokens)] = [await probe.ttft_ms(tokens)
                                                  for _ in range(2 if quick else ttft_repeats)]
+        if not pd_decode:
+            return
+        for context in PD_DECODE_CONTEXTS[1:2] if quick else PD_DECODE_CONTEXTS:
+            for _ in range(1 if quick else PD_REPEATS):
+                idle = stream_tpot(await probe.stream(context, PD_TOKENS))
+                busy = stream_tpot(await _while_prefill_busy(
+                    probe, probe.stream(context, PD_TOKENS)))
+                if idle is None or busy is None:
+                    m.rejected.append(f"pd decode {context}")
+                    continue
+                m.pd_decode.append({"batch": 1, "prompt": context,
+                                    "context": context + PD_TOKENS / 2,
+                                    "idle_ms": idle, "busy_ms": busy})
+                print(f"pd decode c={context}: idle {idle:.2f} ms, prefill busy {busy:.2f} ms",
+                      file=sys.stderr)
+
+
+async def _while_prefill_busy(probe: Probe, measured):
+    """Run ``measured`` while PD_BUSY_STREAMS senders keep the prefill engine computing."""
+    stop = asyncio.Event()
+
+    async def sender() -> None:
+        while not stop.is_set():
+            await probe.stream(PD_BUSY_PROMPT, 1)
+
+    senders = [asyncio.create_task(sender()) for _ in range(PD_BUSY_STREAMS)]
+    await asyncio.sleep(0.5)  # the prefill engine is computing before the streams start
+    try:
+        return await measured
+    finally:
+        stop.set()
+        await asyncio.gather(*senders)
 
 
 def _affinity(stats: dict[str, Any] | None) -> dict[str, Any]:
@@ -639,6 +690,7 @@ def _affinity(stats: dict[str, Any] | None) -> dict[str, Any]:
 def measure(args: argparse.Namespace, command: str) -> Measurements:
     from loadtests.envinfo import hardware, hardware_line
     from loadtests.scenarios.pd_vs_aggregated import app_args
+    from loadtests.servers import running_app
 
     model_path = args.model_path
     served = args.served_model_name or Path(model_path).name
@@ -684,7 +736,7 @@ def measure(args: argparse.Namespace, command: str) -> Measurements:
         with running_app(cfg, work, "disaggregated", args.host, args.port, served
                          ) as (base, proc, _log):
             asyncio.run(_measure_disaggregated(m, base, served, vocab, args.quick,
-                                               args.ttft_repeats))
+                                               args.ttft_repeats, not args.transfer_only))
             stats = replica_stats(proc.pid, "DecodeServer")
             if stats:
                 m.nixl = {k: stats.get(k) for k in (

@@ -11,13 +11,16 @@ latency functions below interpolate them, so the policies never invent capacity.
 - decode: inter-token latency with ``batch`` running sequences of ``context`` tokens each;
 - kv: bytes of KV per token, KV capacity per replica, and the time to move ``bytes`` between
   replicas (NIXL), fitted as ``fixed_ms + bytes / bandwidth``;
-- startup_s: time from "replica requested" to "replica serving".
+- startup_s: time from "replica requested" to "replica serving";
+- pd_decode (optional): how decode steps slow down in the P/D layout where prefill and decode
+  share a host (CPU), measured.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -56,6 +59,26 @@ class KVProfile(_Strict):
         "the profile's notes).")
 
 
+class PDDecodePoint(_Strict):
+    batch: int = Field(ge=1)
+    context: int = Field(ge=1, description="Mean context per sequence over the window.")
+    idle_ms: float = Field(gt=0, description="ITL in the P/D layout, the prefill engine idle.")
+    busy_ms: float = Field(gt=0, description="ITL in the P/D layout while the prefill engine "
+                           "computes long prompts back to back (their KV reads included).")
+
+
+class PDDecode(_Strict):
+    """How decoding in the P/D layout differs from the aggregated-layout ``decode`` points.
+
+    Measured where both engines share one host (CPU): the decode engine's KV connector and
+    the prefill engine's compute (memory bandwidth, caches, the KV reads it triggers) slow
+    decode steps. Profiles without it (separate GPUs) decode at ``itl_ms`` in both layouts."""
+
+    points: list[PDDecodePoint] = Field(min_length=1)
+    idle_factor: float = Field(gt=0, description="median idle_ms / itl_ms(batch, context)")
+    busy_factor: float = Field(gt=0, description="median busy_ms / idle_ms")
+
+
 class Profile(_Strict):
     name: str
     model: str
@@ -69,6 +92,7 @@ class Profile(_Strict):
     prefill: list[PrefillPoint] = Field(min_length=2)
     decode: list[DecodePoint] = Field(min_length=2)
     kv: KVProfile
+    pd_decode: PDDecode | None = None
     notes: list[str] = Field(default_factory=list)
 
     @field_validator("prefill")
@@ -134,17 +158,20 @@ class Profile(_Strict):
     # --- decode -------------------------------------------------------------------------------
 
     @cached_property
-    def _decode_fit(self) -> tuple[float, float, float]:
-        """Least squares ``itl = a + b*batch + c*batch*context`` (weights then attention)."""
-        rows = [(1.0, p.batch, p.batch * p.context) for p in self.decode]
-        ys = [p.itl_ms for p in self.decode]
-        a, b, c = _lstsq3(rows, ys)
-        # A noisy fit must not predict faster decoding for bigger batches.
-        return a, max(b, 0.0), max(c, 0.0)
+    def _decode_fit(self) -> Callable[[float, float], float]:
+        return itl_fit(self.decode)
 
     def itl_ms(self, batch: float, context: float) -> float:
-        a, b, c = self._decode_fit
-        return max(a + b * max(batch, 1) + c * max(batch, 1) * max(context, 1), 1e-3)
+        return self._decode_fit(batch, context)
+
+    def pd_itl_ms(self, batch: float, context: float, prefill_busy: float) -> float:
+        """ITL of a decode replica in the P/D layout while a ``prefill_busy`` fraction (0-1)
+        of the prefill engines sharing its host compute."""
+        base = self.itl_ms(batch, context)
+        f = self.pd_decode
+        if f is None:
+            return base
+        return base * f.idle_factor * (1.0 + (f.busy_factor - 1.0) * prefill_busy)
 
     def max_decode_batch(self, context: float, itl_slo_ms: float) -> int:
         """Largest batch whose ITL at ``context`` stays within the SLO (at least 1)."""
@@ -181,6 +208,20 @@ class Profile(_Strict):
             return 0.0
         fixed, per_byte = self._transfer_fit
         return fixed + per_byte * tokens * self.kv.bytes_per_token
+
+
+def itl_fit(points: list[DecodePoint]) -> Callable[[float, float], float]:
+    """ITL(batch, context) by least squares ``a + b*batch + c*batch*context`` (weights, then
+    attention)."""
+    rows = [(1.0, p.batch, p.batch * p.context) for p in points]
+    a, b, c = _lstsq3(rows, [p.itl_ms for p in points])
+    # A noisy fit must not predict faster decoding for bigger batches.
+    b, c = max(b, 0.0), max(c, 0.0)
+
+    def itl(batch: float, context: float) -> float:
+        return max(a + b * max(batch, 1) + c * max(batch, 1) * max(context, 1), 1e-3)
+
+    return itl
 
 
 def _interp(xs: list[float], ys: list[float], x: float) -> float:

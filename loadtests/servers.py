@@ -13,8 +13,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -128,3 +129,28 @@ def stop_process_group(proc: subprocess.Popen[bytes], host: str | None = None,
         while not port_free(host, port) and time.monotonic() < deadline:
             time.sleep(1)
     time.sleep(3)  # let workers exit before the next server takes the cores
+
+
+@contextlib.contextmanager
+def running_app(config: dict[str, Any], work: Path, name: str, host: str, port: int,
+                served_name: str, timeout: float = 900) -> Iterator[tuple[str, Any, Path]]:
+    """``serve run`` the config (as the scenario does) until the block exits."""
+    import yaml
+
+    from loadtests.traces import repo_root
+
+    work.mkdir(parents=True, exist_ok=True)
+    config_path = work / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    if not port_free(host, port):
+        raise RuntimeError(f"{host}:{port} is in use")
+    log = work / f"{name}.log"
+    proc = start_serve_run(config_path, log, str(repo_root()), repo_env())
+    base = f"http://{host}:{port}"
+    try:
+        t0 = time.monotonic()
+        wait_ready(base, served_name, proc, log, timeout)
+        print(f"{name}: ready after {time.monotonic() - t0:.0f} s", file=sys.stderr)
+        yield base, proc, log
+    finally:
+        stop_process_group(proc, host, port)

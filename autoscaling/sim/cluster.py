@@ -82,7 +82,7 @@ class Cluster:
             "prefill": lambda rid: PrefillReplica(rid, prof, self.loop, look_back,
                                                   self._prefilled),
             "decode": lambda rid: DecodeReplica(rid, prof, self.loop, look_back,
-                                                self._finished),
+                                                self._finished, self._prefill_busy),
             "aggregated": lambda rid: AggregatedReplica(rid, prof, self.loop, look_back,
                                                         self._finished),
         }
@@ -93,6 +93,14 @@ class Cluster:
             self.pools[phase] = pool
             n = (cfg.initial or {}).get(phase, max(bounds.min_replicas, 1))
             pool.start(n)
+
+    def _prefill_busy(self) -> float:
+        """Share of running prefill replicas in the middle of a step."""
+        pool = self.pools.get("prefill")
+        running = [r for r in pool.live if r.state == RUNNING] if pool else []
+        if not running:
+            return 0.0
+        return sum(1 for r in running if r.in_step) / len(running)
 
     # --- View ----------------------------------------------------------------------------
 

@@ -7,7 +7,9 @@ Three kinds, one per role:
   chunked over several steps); the step takes ``profile.prefill_ms(tokens in the step)``.
 - :class:`DecodeReplica`: admits handed-off sequences FCFS while it holds fewer than
   ``max_num_seqs`` and their KV fits ``kv.capacity_tokens``; every step produces one token for
-  every running sequence in ``profile.itl_ms(batch, mean context)``.
+  every running sequence in ``profile.pd_itl_ms(batch, mean context, prefill busy share)``
+  (``itl_ms`` unless the profile measured how a busy prefill engine on the same host slows
+  decoding).
 - :class:`AggregatedReplica`: both in one engine as vLLM's chunked prefill does: decodes take
   one token of the step's budget each, prompt chunks the rest.
 
@@ -244,8 +246,10 @@ class DecodeReplica(_Decoding):
     kind = "decode"
 
     def __init__(self, rid: str, profile: Profile, loop: EventLoop, look_back_s: float,
-                 on_finished: Callback = _ignore):
+                 on_finished: Callback = _ignore,
+                 prefill_busy: Callable[[], float] = lambda: 0.0):
         super().__init__(rid, profile, loop, look_back_s, on_finished)
+        self.prefill_busy = prefill_busy  # share of prefill engines computing (host sharing)
         self.assigned = 0  # routed here, not finished
         self.incoming = 0  # prefilled elsewhere, KV in flight (the engine holds the request)
         self.waiting: deque[SimRequest] = deque()
@@ -288,7 +292,8 @@ class DecodeReplica(_Decoding):
         if not self.running:
             self._stand_by()
             return
-        ms = self.profile.itl_ms(self.running, self.kv_tokens / self.running)
+        ms = self.profile.pd_itl_ms(self.running, self.kv_tokens / self.running,
+                                    self.prefill_busy())
         self.loop.after(ms / 1e3, self._end_step, admitted, ms)
 
     def _end_step(self, admitted: list[SimRequest], ms: float) -> None:

@@ -175,6 +175,26 @@ def test_build_profile_from_fake_measurements():
     assert any('"kv_transfers": 10' in n for n in p.notes)
 
 
+def test_pd_decode_factors_against_the_aggregated_fit():
+    # Aggregated fit: 20 + 0.5 b + 0.001 b c. P/D idle 1.5x that, prefill busy 2x idle.
+    def agg(b: int, c: float) -> float:
+        return 20 + 0.5 * b + 0.001 * b * c
+    pts = [{"batch": b, "prompt": c, "context": c + 12.0, "idle_ms": 1.5 * agg(b, c + 12),
+            "busy_ms": 3.0 * agg(b, c + 12)} for b, c in ((1, 512), (4, 512), (8, 256))]
+    p = build_profile(fake_measurements(pd_decode=pts), "x")
+    assert p.pd_decode is not None
+    assert p.pd_decode.idle_factor == pytest.approx(1.5, rel=0.01)
+    assert p.pd_decode.busy_factor == pytest.approx(2.0, rel=0.01)
+    base = p.itl_ms(4, 600)
+    assert p.pd_itl_ms(4, 600, 0.0) == pytest.approx(1.5 * base, rel=0.01)
+    assert p.pd_itl_ms(4, 600, 1.0) == pytest.approx(3.0 * base, rel=0.01)
+    assert p.pd_itl_ms(4, 600, 0.5) == pytest.approx(2.25 * base, rel=0.01)
+    assert any(n.startswith("pd_decode:") for n in p.notes)
+    # Without P/D points (GPU profiles, old raw data) decode is the same in both layouts.
+    q = build_profile(fake_measurements(), "x")
+    assert q.pd_decode is None and q.pd_itl_ms(4, 600, 1.0) == q.itl_ms(4, 600)
+
+
 def test_batched_steps_shorter_than_one_of_their_prompts_are_dropped():
     steps = [{"tokens": 256, "batch": 1, "ms": 200.0}, {"tokens": 256, "batch": 1, "ms": 210.0},
              {"tokens": 1024, "batch": 4, "ms": 800.0}, {"tokens": 1024, "batch": 4, "ms": 76.0},

@@ -20,7 +20,7 @@ from autoscaling.baselines import (
     dynamo_prefill_thpt,
     ray_scaling_factors,
 )
-from autoscaling.profile_model import Profile
+from autoscaling.profile_model import PDDecode, Profile
 from autoscaling.settings import AutoscalingSettings
 from autoscaling.sim.cluster import SimConfig, simulate
 from autoscaling.sim.drivers import FixedDriver, PDDriver, RayDefaultDriver
@@ -130,6 +130,23 @@ def test_pd_request_times_follow_the_profile():
         r.first_token_t + 4 * 0.011)
     assert res.horizon_s == pytest.approx(r.finished_t)
     assert res.replica_seconds["prefill"] == pytest.approx(r.finished_t)
+
+
+def test_pd_decode_slows_while_the_shared_host_prefills():
+    """A profile with ``pd_decode`` (CPU: both engines on one host) slows decode steps by its
+    idle factor, and by the busy factor while the prefill engine computes."""
+    s = AutoscalingSettings(enabled=True, profile="unused")
+    pd = PROFILE.model_copy(update={"pd_decode": PDDecode(
+        points=[{"batch": 1, "context": 100, "idle_ms": 15.0, "busy_ms": 30.0}],
+        idle_factor=1.5, busy_factor=2.0)})
+    alone = make_requests([(1.0, 500, 5)])
+    simulate(alone, SimConfig(pd, s), FixedDriver({"prefill": 1, "decode": 1}))
+    assert alone[0].tpot_ms == pytest.approx(1.5 * 11.0)
+    # A second, long prompt keeps the prefill engine computing for 10 s while the first
+    # request decodes: its steps take idle x busy factor.
+    both = make_requests([(1.0, 500, 5), (1.06, 100_000, 1)])
+    simulate(both, SimConfig(pd, s), FixedDriver({"prefill": 1, "decode": 1}))
+    assert both[0].tpot_ms == pytest.approx(1.5 * 2.0 * 11.0)
 
 
 def test_decode_batches_share_steps_and_respect_kv_capacity():
