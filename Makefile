@@ -33,7 +33,10 @@ $(SMALL_MODEL_DIR)/config.json: app/tiny_model.py | $(STAMP)
 	$(PY) -m app.tiny_model --size small --out $(SMALL_MODEL_DIR) --force
 
 # The Ray settings of app/serve_env.py (HAProxy in front) must be set before Ray starts.
+# app.port_guard first: a stale HAProxy of a killed run is stopped, any other holder of the
+# ports is named in one line (exit 2) instead of a traceback.
 run: setup model
+	env $$($(PY) -m app.serve_env --local) $(PY) -m app.port_guard $(CONFIG)
 	env $$($(PY) -m app.serve_env --local) $(VENV)/bin/serve run $(CONFIG)
 
 lint: setup

@@ -65,7 +65,14 @@ class NixlConfig(_Strict):
     side_channel_host: str | None = Field(
         None, description="Address engines advertise for the NIXL handshake; None = node IP."
     )
-    kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
+    kv_load_failure_policy: Literal["recompute", "fail"] = Field(
+        "recompute", description="A failed KV read on decode: recompute the prompt locally "
+        "(the request survives) or fail it.")
+    kv_lease_s: int = Field(
+        30, ge=6, description="NixlConnector's kv_lease_duration: a prefill engine frees a "
+        "finished prompt's blocks this long after the last sign of its decode reader (decode "
+        "renews the lease by heartbeats every lease/6 s while it waits), so a dead or "
+        "cancelled decode never pins prefill KV for longer. vLLM's default is 30.")
 
 
 class EngineProcessConfig(_Strict):
@@ -76,6 +83,29 @@ class EngineProcessConfig(_Strict):
         "before sleeping (vLLM: 1 s). On small CPU hosts where engines are pinned to every "
         "core, spinning starves the serving processes; 0.002 frees them. None = vLLM's.",
     )
+
+
+class ServerConfig(_Strict):
+    """What the HTTP front accepts (``app.request_limits``, ``app.api_keys``)."""
+
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    max_json_depth: int = Field(
+        32, ge=2, le=500, description="Deeper-nested JSON bodies get 400 (a 100,000-deep body "
+        "would otherwise exhaust Python's recursion).")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A body not fully received within this gets 408 (slow "
+        "uploads hold no engine capacity).")
+    api_keys_env: str | None = Field(
+        "PD_SERVE_API_KEYS", description="Environment variable (in the replicas) holding "
+        "comma-separated API keys; unset or empty = no keys from the environment.")
+    max_migrations: int = Field(
+        2, ge=0, le=8, description="When a replica's engine dies, each of its requests "
+        "moves to another replica of the deployment up to this many times (streams continue "
+        "where they were, app/migration.py); 0 = off (they fail).")
+    api_keys_file: str | None = Field(
+        None, description="File with one API key per line (# comments). With any key "
+        "configured, /v1/* require 'Authorization: Bearer <key>'; /health stays open.")
 
 
 RoutingPolicy = Literal["kv", "power_of_two", "prefix_affinity"]
@@ -141,6 +171,7 @@ class AppConfig(_Strict):
     nixl: NixlConfig = Field(default_factory=NixlConfig)
     engine_process: EngineProcessConfig = Field(default_factory=EngineProcessConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
     autoscaling: AutoscalingSettings = Field(
         default_factory=AutoscalingSettings,
         description="Per-phase SLO autoscaling (autoscaling/); off = fixed num_replicas.")
@@ -186,6 +217,7 @@ class AppConfig(_Strict):
                 "kv_connector": "NixlConnector",
                 "kv_role": "kv_producer" if role == "prefill" else "kv_consumer",
                 "kv_buffer_device": kv_buffer_device,
+                "kv_connector_extra_config": {"kv_lease_duration": self.nixl.kv_lease_s},
             }
             if role == "decode":
                 kv["kv_load_failure_policy"] = self.nixl.kv_load_failure_policy

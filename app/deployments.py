@@ -80,6 +80,10 @@ class EngineServer:
         if cfg.nixl.side_channel_host:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = cfg.nixl.side_channel_host
             env.setdefault("VLLM_HOST_IP", cfg.nixl.side_channel_host)
+        elif self.role != "aggregated":
+            # vLLM's default (localhost) cannot be reached from other nodes; the node IP is
+            # the cluster-internal address (bound there, not on every interface).
+            env.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", _node_ip())
         if self.role != "aggregated":
             host = env.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "0.0.0.0")
             env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port(host))
@@ -87,7 +91,9 @@ class EngineServer:
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(self.cores))
         env.update(phase.env)
 
-    async def generate(self, kind: str, request: Any) -> AsyncIterator[Head | str]:
+    async def generate(self, kind: str, request: Any, exclude_replica: str | None = None
+                       ) -> AsyncIterator[Head | str]:
+        """``exclude_replica``: read by the request router only (a migration's origin)."""
         async for item in self.host.generate(kind, request):
             yield item
 
@@ -118,8 +124,9 @@ class EngineServer:
                 "endpoint": f"tcp://*:{ports[0]}", "replay_endpoint": f"tcp://*:{ports[1]}"}
 
     def _start_load_reports(self, cfg: AppConfig) -> None:
-        self.publisher = LoadPublisher(self._load_report,
-                                       cfg.routing.advertise_host or _node_ip())
+        host = cfg.routing.advertise_host or _node_ip()
+        # Bound where it is advertised (cluster-internal), not on every interface.
+        self.publisher = LoadPublisher(self._load_report, host, bind_host=host)
         collector = self.host.stats_collector
         collector.arrivals_at_finish = False  # the router's hints say it on arrival instead
         self.inflight = InFlight(on_change=self.publisher.changed,
@@ -130,7 +137,9 @@ class EngineServer:
         self._metadata["load"] = self.publisher.endpoint
         self.publisher.start()
 
-    def _load_report(self) -> dict[str, Any]:
+    def _load_report(self) -> dict[str, Any] | None:
+        if self.host.engine_dead():  # out of routing until Ray replaces this replica
+            return None
         engine = self.host.stats()
         return {
             "running": self.inflight.running,
@@ -162,8 +171,10 @@ class EngineServer:
     async def stats(self) -> dict[str, Any]:
         """Engine counters plus where its processes may run (for checks and debugging)."""
         pids = engine_pids()
+        migrator = getattr(getattr(self, "orchestrator", None), "migrator", None)
         return {**self.host.stats(), "role": self.role, "replica": _replica_id(),
-                "affinity": describe_affinity(pids)}
+                "affinity": describe_affinity(pids), "engine_dead": self.host.engine_dead(),
+                "migrations": migrator.migrations if migrator is not None else 0}
 
     async def check_health(self) -> None:
         await self.host.check_health()
@@ -212,12 +223,22 @@ class EngineFront(EngineServer, OpenAIFront):
 
     async def __init__(self, config: dict[str, Any], prefill: DeploymentHandle | None = None):
         await EngineServer.__init__(self, config)
+        self._peers: HandleEngineClient | None = None
         self._init_front(
             self.cfg,
             LocalEngineClient(self.host),
             HandleEngineClient(prefill) if prefill is not None else None,
             self.tracker,
+            self._peer_stream if self.cfg.server.max_migrations > 0 else None,
         )
+
+    def _peer_stream(self, kind: str, request: Any) -> AsyncIterator[Head | str]:
+        """The request on another replica of this deployment (a migration)."""
+        if self._peers is None:
+            ctx = serve.get_replica_context()
+            self._peers = HandleEngineClient(
+                serve.get_deployment_handle(ctx.deployment, ctx.app_name))
+        return self._peers.stream(kind, request, exclude_replica=_replica_id())
 
 
 @serve.deployment

@@ -32,8 +32,10 @@ class HandleEngineClient:
             response.cancel()  # timeout or client gone: the engine aborts the request
             raise
 
-    async def stream(self, kind: str, request: Any) -> AsyncIterator[Head | str]:
-        generator = self._stream_handle.generate.remote(kind, request)
+    async def stream(self, kind: str, request: Any, **routing: Any
+                     ) -> AsyncIterator[Head | str]:
+        """``routing``: e.g. ``exclude_replica`` (``DecodePoolRouter``), for migrations."""
+        generator = self._stream_handle.generate.remote(kind, request, **routing)
         finished = False
         try:
             async for item in generator:

@@ -21,6 +21,7 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 from app.engine_protocol import KIND_ERROR, KIND_JSON, Head, stream_after_head
 from app.engine_stats import EngineStatsCollector
+from app.migration import ERROR_PREFIX, EngineLost, TokenLedger
 from app.openai_errors import error_body
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,14 @@ class EngineHost:
         self._completion = None
         self._chat = None
         self._models = None
+        self.ledger = TokenLedger()
 
     async def start(self) -> None:
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.cli_args import FrontendArgs
+        from vllm.sampling_params import RequestOutputKind
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.executor.abstract import Executor
@@ -62,6 +65,9 @@ class EngineHost:
             log_requests=False,
             stat_loggers=[stats_factory],
         )
+        # vLLM's serving layer calls engine.generate: the ledger sees every output on its way.
+        self.engine.generate = self.ledger.wrap(
+            self.engine.generate, lambda p: p.output_kind == RequestOutputKind.DELTA)
         args = argparse.Namespace(**(vars(FrontendArgs()) | vars(engine_args)))
         state = State()
         tasks = await self.engine.get_supported_tasks()
@@ -83,26 +89,48 @@ class EngineHost:
     def stats(self) -> dict[str, Any]:
         return self._stats.snapshot() if self._stats else {}
 
+    def engine_dead(self) -> bool:
+        return self.engine is not None and self.engine.errored
+
     async def generate(self, kind: str, request: Any) -> AsyncIterator[Head | str]:
-        """Run one completion or chat request; yield a Head, then SSE strings if streaming."""
+        """Run one completion or chat request; yield a Head, then SSE strings if streaming.
+        Raises :class:`EngineLost` if this engine dies under the request (app.migration)."""
         serving = self._chat if kind == "chat" else self._completion
         create = serving.create_chat_completion if kind == "chat" else serving.create_completion
+        key = getattr(request, "request_id", None) or ""
         try:
             result = await create(request)
         except Exception as exc:  # noqa: BLE001 - vLLM raises typed errors; map them to HTTP
+            self._lost_if_dead(key)
             err = serving.create_error_response(exc)
             yield Head(KIND_ERROR, err.error.code, err.model_dump())
             return
         if isinstance(result, ErrorResponse):
+            self._lost_if_dead(key)
             yield Head(KIND_ERROR, result.error.code, result.model_dump())
             return
         if not hasattr(result, "__aiter__"):  # a whole CompletionResponse/ChatCompletionResponse
             yield Head(KIND_JSON, 200, result.model_dump())
             return
         release = functools.partial(self._release_remote_prefill, request)
-        async with contextlib.aclosing(stream_after_head(result, release)) as items:
+        chunks = self._watch(result, key)
+        async with contextlib.aclosing(stream_after_head(chunks, release)) as items:
             async for item in items:
                 yield item
+
+    def _lost_if_dead(self, key: str) -> None:
+        taken = self.ledger.take(key) if key else None
+        if self.engine_dead():
+            raise EngineLost(*(taken or ([], [])))
+
+    async def _watch(self, chunks: AsyncIterator[str], key: str) -> AsyncIterator[str]:
+        """vLLM turns an engine failure into an error event: if the engine is dead, raise
+        :class:`EngineLost` with what was generated instead, so a peer can continue."""
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                if chunk.startswith(ERROR_PREFIX):
+                    self._lost_if_dead(key)
+                yield chunk
 
     async def _release_remote_prefill(self, request: Any) -> None:
         """Tell the connector that a decode request carrying remote-prefill KV will never run,

@@ -9,7 +9,6 @@ deployments that serve HTTP (``app.deployments.EngineFront``), not deployed on i
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
@@ -18,9 +17,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from app.api_keys import APIKeys
 from app.config import AppConfig
+from app.migration import Migrator, PeerStream
 from app.openai_errors import error_response, validation_message
 from app.orchestrator import EngineClient, PDOrchestrator
+from app.request_limits import RequestRejected, parse_json_object, read_limited
 from app.routing.hints import RouteHint, read_route_hint
 from app.routing.publisher import RequestTracker
 
@@ -39,9 +41,11 @@ class OpenAIFront:
 
     def _init_front(self, cfg: AppConfig, decode: EngineClient,
                     prefill: EngineClient | None = None,
-                    tracker: RequestTracker | None = None) -> None:
+                    tracker: RequestTracker | None = None,
+                    peer: PeerStream | None = None) -> None:
         """``tracker``: told when requests start, finish prefill and end (the KV router's
-        load reports); router headers are honoured only when one is given."""
+        load reports); router headers are honoured only when one is given. ``peer``: runs a
+        request on another replica, for migrations when this one's engine dies."""
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
@@ -52,19 +56,39 @@ class OpenAIFront:
             decode=decode,
             prefill=prefill,
             prefill_timeout_s=cfg.routing.prefill_timeout_s,
+            migrator=Migrator(peer, self._to_request, cfg.model.served_model_name,
+                              cfg.server.max_migrations) if peer is not None else None,
         )
         self._models_body: dict[str, Any] | None = None
         self._tracker = tracker
+        self._api_keys = APIKeys.load(cfg.server.api_keys_env, cfg.server.api_keys_file)
+
+    def _to_request(self, kind: str, body: dict[str, Any]) -> Any:
+        return self._request_models[kind].model_validate(body)
 
     def __serve_build_asgi_app__(self) -> Starlette:
         return Starlette(
             routes=[
-                Route("/v1/completions", self.completions, methods=["POST"]),
-                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
-                Route("/v1/models", self.list_models, methods=["GET"]),
+                Route("/v1/completions", self._authed(self.completions), methods=["POST"]),
+                Route("/v1/chat/completions", self._authed(self.chat_completions),
+                      methods=["POST"]),
+                Route("/v1/models", self._authed(self.list_models), methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
             ]
         )
+
+    def _authed(self, handler):
+        if not self._api_keys.enabled:
+            return handler
+
+        async def guarded(request: Request) -> Response:
+            if not self._api_keys.allows(request.headers.get("authorization")):
+                return error_response(
+                    "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                    "AuthenticationError", 401)
+            return await handler(request)
+
+        return guarded
 
     async def completions(self, request: Request) -> Response:
         return await self._serve("completion", request)
@@ -111,12 +135,14 @@ class OpenAIFront:
 
     async def _parse(self, kind: str, http_request: Request) -> Any:
         """A validated vLLM request model, or the 400 response explaining why not."""
+        limits = self.cfg.server
         try:
-            body = json.loads(await http_request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return error_response(f"request body is not valid JSON: {exc}")
-        if not isinstance(body, dict):
-            return error_response("request body must be a JSON object")
+            raw = await read_limited(http_request.stream(),
+                                     http_request.headers.get("content-length"),
+                                     limits.max_request_bytes, limits.body_timeout_s)
+            body = parse_json_object(raw, limits.max_json_depth)
+        except RequestRejected as exc:
+            return error_response(exc.message, exc.err_type, exc.status)
         try:
             request = self._request_models[kind].model_validate(body)
         except Exception as exc:  # noqa: BLE001 - pydantic and vLLM validators: client input

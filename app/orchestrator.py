@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.engine_protocol import KIND_ERROR, KIND_JSON, KIND_STREAM, Head
+from app.migration import EngineLost, Migrator
 from app.pd_decision import RequestShape, Route, decide_route, fallback_on_prefill_status
 from app.pd_requests import client_request, decode_request, prefill_request
 from app.routing.hints import RouteHint
@@ -46,7 +47,9 @@ class PDOrchestrator:
         decode: EngineClient,
         prefill: EngineClient | None = None,
         prefill_timeout_s: float = 60.0,
+        migrator: Migrator | None = None,
     ):
+        self.migrator = migrator
         self.mode = mode
         self.decode = decode
         self.prefill = prefill
@@ -107,13 +110,22 @@ class PDOrchestrator:
         return params
 
     async def _run_decode(self, route: Route, kind: str, request: Any) -> Reply:
+        """The decode leg; if this engine dies under it, the migrator moves it to a peer."""
         stream = self.decode.stream(kind, request)
         try:
             head = await anext(stream)
+        except EngineLost:
+            await stream.aclose()
+            if self.migrator is None:
+                raise
+            head, chunks = await self.migrator.rerun(kind, request)
+            return Reply(route, head, chunks)
         except BaseException:
             await stream.aclose()
             raise
         if head.kind != KIND_STREAM:
             await stream.aclose()
             return Reply(route, head)
+        if self.migrator is not None:
+            return Reply(route, head, self.migrator.guard(kind, request, stream))
         return Reply(route, head, stream)

@@ -15,6 +15,7 @@ from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequ
 from ray.serve.request_router import PendingRequest, RunningReplica
 
 PREFILL_HINT_KWARG = "prefill_replica"
+EXCLUDE_KWARG = "exclude_replica"  # a migration must not land on the replica it leaves
 
 
 
@@ -28,11 +29,23 @@ def _publish(deployment: str, replicas: list[RunningReplica]) -> None:
 
 
 class DecodePoolRouter(PowerOfTwoChoicesRequestRouter):
-    """Power-of-two for Ray's own picks (fallback proxy); publishes the replica set."""
+    """Power-of-two for Ray's own picks (fallback proxy, migrations); publishes the replica
+    set; never picks the replica named by ``exclude_replica`` while another exists."""
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         _publish(self._deployment_id.name, replicas)
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        excluded = pending_request.kwargs.get(EXCLUDE_KWARG) if pending_request else None
+        if excluded:
+            others = [r for r in candidate_replicas
+                      if r.replica_id.to_full_id_str() != excluded]
+            candidate_replicas = others or candidate_replicas
+        return await super().choose_replicas(candidate_replicas, pending_request)
 
 
 class PrefillPoolRouter(DecodePoolRouter):

@@ -91,7 +91,10 @@ class LoadPublisher:
             await asyncio.sleep(self._min_interval_s)
 
     def publish(self) -> None:
-        report: dict[str, Any] = {"ts": time.time(), **self._snapshot()}
+        snapshot = self._snapshot()
+        if snapshot is None:  # the replica cannot serve: silence makes the router drop it
+            return
+        report: dict[str, Any] = {"ts": time.time(), **snapshot}
         with contextlib.suppress(zmq.Again):
             self._sock.send(self._encode(report), zmq.NOBLOCK)
 

@@ -42,13 +42,29 @@ def test_engine_kwargs_layer_shared_then_phase_then_connector():
         "kv_connector": "NixlConnector",
         "kv_role": "kv_consumer",
         "kv_buffer_device": "cpu",
+        "kv_connector_extra_config": {"kv_lease_duration": 30},
         "kv_load_failure_policy": "recompute",
     }
     prefill = cfg.engine_kwargs("prefill", "cuda")
     assert prefill["max_model_len"] == 1024
+    assert prefill["kv_transfer_config"]["kv_connector_extra_config"] == {
+        "kv_lease_duration": 30}
     assert prefill["kv_transfer_config"]["kv_role"] == "kv_producer"
     assert "kv_load_failure_policy" not in prefill["kv_transfer_config"]
     assert "kv_transfer_config" not in cfg.engine_kwargs("aggregated", "cpu")
+
+
+def test_kv_lease_reaches_vllm_connector_config():
+    from vllm.config import KVTransferConfig
+
+    cfg = AppConfig.model_validate({"model": {"path": "/m", "served_model_name": "m"},
+                                    "nixl": {"kv_lease_s": 12}})
+    for role in ("prefill", "decode"):
+        kv = KVTransferConfig(**cfg.engine_kwargs(role, "cpu")["kv_transfer_config"])
+        assert kv.get_from_extra_config("kv_lease_duration", 30) == 12
+    with pytest.raises(ValidationError, match="kv_lease_s"):
+        AppConfig.model_validate({"model": {"path": "/m", "served_model_name": "m"},
+                                  "nixl": {"kv_lease_s": 3}})
 
 
 def test_unknown_keys_are_rejected():

@@ -183,3 +183,64 @@ async def test_router_plan_does_not_override_forking_requests():
     reply = await orch.handle("completion", FakeCompletion(n=2),
                               RouteHint(PrefillPlan.LOCAL_SHORT, None, 10, 0))
     assert reply.route is Route.AGGREGATED
+
+
+class DyingEngine(FakeEngine):
+    """Its engine dies: at once (nothing sent), or after ``after`` chunks."""
+
+    def __init__(self, after=None, lost=None):
+        super().__init__()
+        self.after, self.lost = after, lost
+
+    async def stream(self, kind, request):
+        from app.migration import EngineLost
+
+        self.requests.append(request)
+        if self.after is None:
+            raise self.lost or EngineLost()
+        yield Head(KIND_STREAM)
+        for i in range(self.after):
+            yield f'data: {{"id": "cmpl-o", "created": 1, "model": "m", "choices": ' \
+                  f'[{{"index": 0, "text": "t{i}", "finish_reason": null}}]}}\n\n'
+        raise self.lost or EngineLost([1, 2], list(range(10, 10 + self.after)))
+
+
+def _migrator(peer_engine):
+    from app.migration import Migrator
+
+    def peer(kind, request):
+        return peer_engine.stream(kind, request)
+
+    return Migrator(peer, lambda kind, body: FakeCompletion(
+        prompt=str(body["prompt"]), max_tokens=body.get("max_tokens")), "m", retry_delay_s=0)
+
+
+async def test_decode_engine_lost_before_output_reruns_the_request_on_a_peer():
+    peer = FakeEngine(stream_items=[Head(KIND_JSON, 200, {"choices": [{"text": "ok"}]})])
+    orch = PDOrchestrator("disaggregated", DyingEngine(), FakeEngine(),
+                          migrator=_migrator(peer))
+    reply = await orch.handle("completion", FakeCompletion())
+    assert reply.head.body == {"choices": [{"text": "ok"}]} and reply.chunks is None
+    assert peer.requests[0].kv_transfer_params is None  # the peer prefills itself
+
+
+async def test_decode_engine_lost_mid_stream_continues_on_a_peer():
+    cont = ('data: {"id": "cmpl-p", "choices": [{"index": 0, "text": "u", "token_ids": [7], '
+            '"finish_reason": "length"}]}\n\n')
+    peer = FakeEngine(stream_items=[Head(KIND_STREAM), cont, "data: [DONE]\n\n"])
+    orch = PDOrchestrator("aggregated", DyingEngine(after=2), migrator=_migrator(peer))
+    reply = await orch.handle("completion", FakeCompletion(stream=True, max_tokens=3))
+    chunks = await _collect(reply)
+    assert [c.split('"text": "')[1][:2] if '"text": "' in c else c for c in chunks[:2]] == [
+        "t0", "t1"]
+    assert '"id":"cmpl-o"' in chunks[2] and '"text":"u"' in chunks[2]
+    assert chunks[-1] == "data: [DONE]\n\n"
+    assert peer.requests[0].prompt == str([1, 2, 10, 11])
+    assert peer.requests[0].max_tokens == 1
+
+
+async def test_without_a_migrator_engine_loss_propagates():
+    from app.migration import EngineLost
+
+    with pytest.raises(EngineLost):
+        await PDOrchestrator("aggregated", DyingEngine()).handle("completion", FakeCompletion())

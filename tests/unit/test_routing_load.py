@@ -1,5 +1,7 @@
 """The router's load view: reports, bookings until a report covers them, heartbeats."""
 
+import time
+
 from app.routing.hints import RouteHint, read_route_hint
 from app.routing.load import LoadBook
 from app.routing.policy import PrefillPlan
@@ -99,3 +101,30 @@ async def test_tracker_counts_prefill_until_first_chunk_and_records_predictions(
     remote.end()
     remote.end()  # idempotent
     assert inflight.running == 0
+
+
+def test_load_publisher_falls_silent_when_the_replica_cannot_serve():
+    """A snapshot of None (the replica's engine died) publishes nothing, so the router's
+    staleness check drops the replica; a dict is published with its timestamp."""
+    import msgspec
+    import zmq
+
+    from app.routing.publisher import LoadPublisher
+
+    state = {"report": None}
+    pub = LoadPublisher(lambda: state["report"], "127.0.0.1", bind_host="127.0.0.1")
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    try:
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(pub.endpoint)
+        time.sleep(0.2)  # the subscription reaches the publisher
+        pub.publish()
+        assert sub.poll(300) == 0
+        state["report"] = {"running": 3}
+        pub.publish()
+        assert sub.poll(2000) != 0
+        got = msgspec.msgpack.decode(sub.recv())
+        assert got["running"] == 3 and got["ts"] > 0
+    finally:
+        sub.close(linger=0)
+        pub.close()

