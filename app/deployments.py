@@ -24,7 +24,7 @@ from app.engine_host import EngineHost
 from app.engine_process import NIXL_DELAY_ENV, SHM_BUSY_LOOP_ENV, setup_engine_process
 from app.engine_protocol import Head
 from app.ingress import OpenAIFront
-from app.ports import free_port
+from app.ports import listen_port
 from app.routing.hints import RouteHint
 from app.routing.metrics import record_prediction
 from app.routing.policy import PrefillPlan
@@ -86,7 +86,7 @@ class EngineServer:
             env.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", _node_ip())
         if self.role != "aggregated":
             host = env.get("VLLM_NIXL_SIDE_CHANNEL_HOST", "0.0.0.0")
-            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_port(host))
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(listen_port(host))
         if self.cores:
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(self.cores))
         env.update(phase.env)
@@ -117,7 +117,9 @@ class EngineServer:
         """vLLM publishes KV events on a wildcard bind (a host-specific endpoint would make it
         *connect*, DESIGN.md); the router connects to the advertised address."""
         host = cfg.routing.advertise_host or _node_ip()
-        ports = free_port("0.0.0.0"), free_port("0.0.0.0")
+        first = listen_port("0.0.0.0")
+        second = next(p for p in iter(lambda: listen_port("0.0.0.0"), None) if p != first)
+        ports = first, second
         self._metadata.update(kv_events=f"tcp://{host}:{ports[0]}",
                               kv_replay=f"tcp://{host}:{ports[1]}")
         return {"enable_kv_cache_events": True, "publisher": "zmq",

@@ -1,14 +1,40 @@
 """Free TCP ports, for the listeners this app and its tests start (NIXL side channels,
-HAProxy's side listeners, test servers)."""
+KV-event sockets, HAProxy's side listeners, test servers)."""
 
 from __future__ import annotations
 
+import random
 import socket
+
+# Ports a replica hands to a listener that binds *later* (vLLM's NIXL side channel and
+# KV-event publisher bind in their own threads, with no retry). Below Linux's ephemeral
+# range (32768+ by default): an outgoing connection never takes one in the meantime, which
+# happened with ephemeral picks while four engines started at once (the side channel's bind
+# failed and its engine hung). Above Ray's worker ports (10002-19999), below Ray Serve's
+# direct-ingress HTTP ports (30000+).
+LISTEN_RANGE = (20000, 30000)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (the OS picks it; a race with another process is
-    possible but needs that process to pick the same port in the meantime)."""
+    """A port nothing listens on now (the OS picks it from the ephemeral range; a race with
+    another process, or an outgoing connection, is possible before it is bound)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def listen_port(host: str = "0.0.0.0", rng: random.Random | None = None,
+                tries: int = 200) -> int:
+    """A port for a listener bound later by someone else: free now and outside the
+    ephemeral range (see ``LISTEN_RANGE``)."""
+    rng = rng or random.SystemRandom()
+    lo, hi = LISTEN_RANGE
+    for _ in range(tries):
+        port = rng.randrange(lo, hi)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return free_port(host)

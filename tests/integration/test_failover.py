@@ -46,7 +46,7 @@ UNPINNED = {"num_replicas": 2, "cpu_cores": None, "engine_args": {"dtype": "floa
 
 def prompt(i: int) -> str:
     rng = random.Random(i)
-    return " ".join(rng.choice(_WORDS) for _ in range(60 + i % 40))
+    return " ".join(rng.choice(_WORDS) for _ in range(200 + i % 100))
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +163,11 @@ def _assert_unbroken(streams: list[Stream], reference: dict) -> None:
         assert len(s.usage) == 1 and s.usage[0]["completion_tokens"] == TOKENS, s.usage
 
 
-def _kill_engine_when_loaded(deployment: str, pool: str, min_running: int):
-    """A chaos action: once a replica of ``pool`` runs >= ``min_running`` of the streams,
-    SIGKILL its engine processes (EngineCore and worker; the replica's HTTP side lives)."""
+def _kill_engine_when_loaded(deployment: str, pool: str, min_running: int,
+                            min_started: int = 4):
+    """A chaos action: once a replica of ``pool`` holds >= ``min_running`` of the streams
+    (and >= ``min_started`` streams have their first token), SIGKILL its engine processes
+    (EngineCore and worker; the replica's HTTP side lives)."""
     pids = {r: [int(p) for p in s["affinity"]] for r, s in _replica_stats(deployment).items()}
     killed: dict = {}
 
@@ -176,7 +178,7 @@ def _kill_engine_when_loaded(deployment: str, pool: str, min_running: int):
             running = {r: int(rep.get("running") or 0) for r, rep in reports.items()}
             started = sum(1 for s in streams if s.events > 0)
             victim = max(running, key=running.get) if running else None
-            if victim and running[victim] >= min_running and started >= 4:
+            if victim and running[victim] >= min_running and started >= min_started:
                 killed.update(replica=victim, running=running[victim], started=started)
                 for pid in pids[victim]:
                     try:
@@ -184,7 +186,7 @@ def _kill_engine_when_loaded(deployment: str, pool: str, min_running: int):
                     except ProcessLookupError:
                         pass
                 return
-            time.sleep(0.05)
+            time.sleep(0.01)
         raise AssertionError(f"no {pool} replica reached {min_running} running streams")
 
     return chaos, killed
@@ -327,7 +329,9 @@ def test_disconnect_storm_frees_every_engine_and_spares_the_others(base, referen
 
 
 def test_prefill_engine_killed_under_load_fails_nothing(base, reference):
-    chaos, killed = _kill_engine_when_loaded("PrefillServer", "prefill", 1)
+    """>= 30 streams in flight, a prefill engine dies while it holds some: they fall back to
+    local prefill (or the other prefill replica), none fails, tokens as unbroken."""
+    chaos, killed = _kill_engine_when_loaded("PrefillServer", "prefill", 1, min_started=0)
     streams = _run_streams(base, chaos)
     assert killed, "nothing was killed"
     _assert_unbroken(streams, reference)
@@ -341,6 +345,8 @@ def test_decode_engine_killed_mid_stream_streams_migrate(base, reference):
     streams = _run_streams(base, chaos)
     assert killed and killed["running"] >= 5, killed
     _assert_unbroken(streams, reference)
+    print(f"decode engine killed with {killed['running']} streams on it, "
+          f"{killed['started']} of {STREAMS} streams under way: all completed unbroken")
 
     def replaced() -> bool:
         stats = _replica_stats("DecodeServer", strict=False)

@@ -181,8 +181,14 @@ def test_pd_decode_factors_against_the_aggregated_fit():
         return 20 + 0.5 * b + 0.001 * b * c
     pts = [{"batch": b, "prompt": c, "context": c + 12.0, "idle_ms": 1.5 * agg(b, c + 12),
             "busy_ms": 3.0 * agg(b, c + 12)} for b, c in ((1, 512), (4, 512), (8, 256))]
-    p = build_profile(fake_measurements(pd_decode=pts), "x")
+    ttfts = [{"prompt": 256, "idle_ms": 200.0, "busy_ms": 260.0},
+             {"prompt": 1024, "idle_ms": 800.0, "busy_ms": 1040.0},
+             {"prompt": 1024, "idle_ms": 800.0, "busy_ms": 2000.0}]
+    p = build_profile(fake_measurements(pd_decode=pts, pd_prefill=ttfts), "x")
     assert p.pd_decode is not None
+    assert p.pd_decode.prefill_slowdown == pytest.approx(1.3)  # median of 1.3, 1.3, 2.5
+    assert p.pd_prefill_ms(1024, 1.0) == pytest.approx(1.3 * p.prefill_ms(1024))
+    assert p.pd_prefill_ms(1024, 0.0) == pytest.approx(p.prefill_ms(1024))
     assert p.pd_decode.idle_factor == pytest.approx(1.5, rel=0.01)
     assert p.pd_decode.busy_factor == pytest.approx(2.0, rel=0.01)
     base = p.itl_ms(4, 600)
@@ -193,6 +199,7 @@ def test_pd_decode_factors_against_the_aggregated_fit():
     # Without P/D points (GPU profiles, old raw data) decode is the same in both layouts.
     q = build_profile(fake_measurements(), "x")
     assert q.pd_decode is None and q.pd_itl_ms(4, 600, 1.0) == q.itl_ms(4, 600)
+    assert q.pd_prefill_ms(512, 1.0) == q.prefill_ms(512)
 
 
 def test_batched_steps_shorter_than_one_of_their_prompts_are_dropped():

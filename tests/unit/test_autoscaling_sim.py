@@ -149,6 +149,18 @@ def test_pd_decode_slows_while_the_shared_host_prefills():
     assert both[0].tpot_ms == pytest.approx(1.5 * 2.0 * 11.0)
 
 
+def test_pd_prefill_slows_while_the_shared_host_decodes():
+    s = AutoscalingSettings(enabled=True, profile="unused")
+    pd = PROFILE.model_copy(update={"pd_decode": PDDecode(
+        points=[{"batch": 1, "context": 100, "idle_ms": 11.0, "busy_ms": 11.0}],
+        idle_factor=1.0, busy_factor=1.0, prefill_slowdown=2.0)})
+    # The first request decodes 200 tokens (~2.2 s); the second's prompt (500 tokens, 50 ms
+    # alone) is computed meanwhile, at twice the time.
+    reqs = make_requests([(1.0, 100, 200), (1.1, 500, 1)])
+    simulate(reqs, SimConfig(pd, s), FixedDriver({"prefill": 1, "decode": 1}))
+    assert reqs[1].prefill_done_t - reqs[1].arrival == pytest.approx(2 * 0.050)
+
+
 def test_decode_batches_share_steps_and_respect_kv_capacity():
     loop, finished = EventLoop(), []
     small = PROFILE.model_copy(update={"kv": PROFILE.kv.model_copy(

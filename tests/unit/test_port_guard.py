@@ -57,3 +57,15 @@ def test_only_an_orphaned_ray_haproxy_counts_as_ours():
                       ).orphaned_ray_haproxy
     assert not Holder(1, "python", f"python {hap}", 1, False).orphaned_ray_haproxy
 
+
+
+def test_listen_port_is_free_and_outside_the_ephemeral_range():
+    import random
+
+    from app.ports import LISTEN_RANGE, listen_port
+
+    ports = {listen_port("127.0.0.1", random.Random(i)) for i in range(20)}
+    assert all(LISTEN_RANGE[0] <= p < LISTEN_RANGE[1] for p in ports)
+    for p in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))  # free: binds
