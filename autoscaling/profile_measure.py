@@ -55,6 +55,7 @@ from autoscaling.profile_model import (
     PDDecode,
     PDDecodePoint,
     PrefillPoint,
+    PrefillTTFTPoint,
     Profile,
     TransferPoint,
     itl_fit,
@@ -81,6 +82,10 @@ PD_TOKENS = 96
 PD_REPEATS = 2
 PD_BUSY_PROMPT = 1024
 PD_BUSY_STREAMS = 2
+# The converse: TTFT of lone prompts with decode idle, and while PD_DECODE_STREAMS streams
+# (64-token prompts, long outputs) keep the decode engine decoding.
+PD_PREFILL_PROMPTS = (256, 1024)
+PD_DECODE_STREAMS = 4
 BLOCKER_PROMPT = 16
 BLOCKER_TOKENS = 64
 
@@ -107,6 +112,7 @@ class Measurements:
     decode: list[dict[str, Any]] = field(default_factory=list)  # batch, context, itl_ms, gaps
     # P/D layout: batch, prompt, context, idle_ms, busy_ms (see PD_DECODE_CONTEXTS)
     pd_decode: list[dict[str, Any]] = field(default_factory=list)
+    pd_prefill: list[dict[str, Any]] = field(default_factory=list)  # prompt, idle/busy TTFT
     kv_num_blocks: int | None = None
     kv_block_size: int | None = None
     startup_s: float | None = None
@@ -302,7 +308,8 @@ def _spread(m: Measurements) -> str:
     return "; ".join(out)
 
 
-def pd_decode_of(points: list[dict[str, Any]], decode: list[DecodePoint]) -> PDDecode | None:
+def pd_decode_of(points: list[dict[str, Any]], decode: list[DecodePoint],
+                 prefill: list[dict[str, Any]] = ()) -> PDDecode | None:
     """The P/D-layout decode factors against the aggregated decode fit (``None`` without
     points, or with too few aggregated points to fit)."""
     if not points or len(decode) < 2:
@@ -313,7 +320,11 @@ def pd_decode_of(points: list[dict[str, Any]], decode: list[DecodePoint]) -> PDD
                          busy_ms=round(float(p["busy_ms"]), 3)) for p in points]
     idle = statistics.median(p.idle_ms / base(p.batch, p.context) for p in pts)
     busy = statistics.median(p.busy_ms / p.idle_ms for p in pts)
-    return PDDecode(points=pts, idle_factor=round(idle, 4), busy_factor=round(busy, 4))
+    pre = [PrefillTTFTPoint(prompt=int(p["prompt"]), idle_ms=round(float(p["idle_ms"]), 3),
+                            busy_ms=round(float(p["busy_ms"]), 3)) for p in prefill]
+    slowdown = statistics.median(p.busy_ms / p.idle_ms for p in pre) if pre else 1.0
+    return PDDecode(points=pts, idle_factor=round(idle, 4), busy_factor=round(busy, 4),
+                    prefill_slowdown=round(slowdown, 4), prefill_points=pre)
 
 
 def _median_ms(points: list[dict[str, Any]], tokens: int) -> float | None:
@@ -399,7 +410,7 @@ def build_profile(m: Measurements, name: str) -> Profile:
     notes += [f"rejected: {r}" for r in m.rejected[:20]]
     if m.startup_s is None:
         raise ValueError("no startup measurement in the raw data")
-    pd = pd_decode_of(m.pd_decode, decode)
+    pd = pd_decode_of(m.pd_decode, decode, m.pd_prefill)
     if pd is not None:
         notes.append(
             f"pd_decode: decode TPOT in the disaggregated layout (prefill core 0, decode core "
@@ -411,7 +422,11 @@ def build_profile(m: Measurements, name: str) -> Profile:
             f"idle_factor = median(idle / the aggregated decode fit at that "
             f"batch and context) = {pd.idle_factor:.3f}; busy_factor = median(busy / idle) = "
             f"{pd.busy_factor:.3f}. The simulator scales a P/D decode step by idle_factor x "
-            f"(1 + (busy_factor - 1) x the share of prefill engines computing).")
+            f"(1 + (busy_factor - 1) x the share of prefill engines computing). "
+            f"prefill_slowdown = median TTFT of lone {'/'.join(map(str, PD_PREFILL_PROMPTS))}"
+            f"-token prompts while {PD_DECODE_STREAMS} streams decode / with decode idle = "
+            f"{pd.prefill_slowdown:.3f}, applied to prefill steps in proportion to the share "
+            f"of decode engines decoding (the TTFT also holds the hand-off: an approximation).")
     return Profile(
         name=name,
         model=m.model_path,
@@ -664,6 +679,25 @@ async def _measure_disaggregated(m: Measurements, base: str, served: str, vocab:
                                     "idle_ms": idle, "busy_ms": busy})
                 print(f"pd decode c={context}: idle {idle:.2f} ms, prefill busy {busy:.2f} ms",
                       file=sys.stderr)
+        for prompt in PD_PREFILL_PROMPTS[:1] if quick else PD_PREFILL_PROMPTS:
+            for _ in range(1 if quick else 3):
+                idle = await probe.ttft_ms(prompt)
+                busy = await _while_decode_busy(probe, probe.ttft_ms(prompt))
+                m.pd_prefill.append({"prompt": prompt, "idle_ms": idle, "busy_ms": busy})
+                print(f"pd prefill {prompt}: TTFT idle {idle:.1f} ms, decode busy "
+                      f"{busy:.1f} ms", file=sys.stderr)
+
+
+async def _while_decode_busy(probe: Probe, measured):
+    """Run ``measured`` while PD_DECODE_STREAMS long streams keep the decode engine busy."""
+    streams = [asyncio.create_task(probe.stream(64, 2000)) for _ in range(PD_DECODE_STREAMS)]
+    await asyncio.sleep(1.5)  # prefilled, handed off and decoding
+    try:
+        return await measured
+    finally:
+        for task in streams:
+            task.cancel()  # the client leaves: the engine aborts them
+        await asyncio.gather(*streams, return_exceptions=True)
 
 
 async def _while_prefill_busy(probe: Probe, measured):

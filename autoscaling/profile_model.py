@@ -67,6 +67,12 @@ class PDDecodePoint(_Strict):
                            "computes long prompts back to back (their KV reads included).")
 
 
+class PrefillTTFTPoint(_Strict):
+    prompt: int = Field(ge=1)
+    idle_ms: float = Field(gt=0, description="TTFT in the P/D layout, decode idle.")
+    busy_ms: float = Field(gt=0, description="TTFT while the decode engine decodes streams.")
+
+
 class PDDecode(_Strict):
     """How decoding in the P/D layout differs from the aggregated-layout ``decode`` points.
 
@@ -77,6 +83,10 @@ class PDDecode(_Strict):
     points: list[PDDecodePoint] = Field(min_length=1)
     idle_factor: float = Field(gt=0, description="median idle_ms / itl_ms(batch, context)")
     busy_factor: float = Field(gt=0, description="median busy_ms / idle_ms")
+    prefill_slowdown: float = Field(
+        1.0, gt=0, description="The converse: median TTFT of a lone prompt while the decode "
+        "engine decodes / its TTFT with decode idle; applied to prefill steps.")
+    prefill_points: list[PrefillTTFTPoint] = Field(default_factory=list)
 
 
 class Profile(_Strict):
@@ -172,6 +182,15 @@ class Profile(_Strict):
         if f is None:
             return base
         return base * f.idle_factor * (1.0 + (f.busy_factor - 1.0) * prefill_busy)
+
+    def pd_prefill_ms(self, tokens: float, decode_busy: float) -> float:
+        """A prefill step in the P/D layout while a ``decode_busy`` share (0-1) of the decode
+        engines sharing its host decode."""
+        base = self.prefill_ms(tokens)
+        f = self.pd_decode
+        if f is None:
+            return base
+        return base * (1.0 + (f.prefill_slowdown - 1.0) * decode_busy)
 
     def max_decode_batch(self, context: float, itl_slo_ms: float) -> int:
         """Largest batch whose ITL at ``context`` stays within the SLO (at least 1)."""

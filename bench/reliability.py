@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import shlex
@@ -49,7 +50,8 @@ MODEL, SERVED = "models/tiny-llama", "tiny-llama"
 def _body(rng: random.Random, max_tokens: int) -> dict[str, Any]:
     prompt = [rng.randrange(300, 4000) for _ in range(rng.randint(64, 256))]
     return {"model": SERVED, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
-            "temperature": 0, "stream": True, "add_special_tokens": False}
+            "temperature": 0, "stream": True, "add_special_tokens": False,
+            "return_token_ids": True}
 
 
 async def _stream(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
@@ -65,8 +67,11 @@ async def _stream(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, 
                 if '"error"' in line[:20]:
                     error = line[:200]
                     break
-                tokens += 1
-                if first is None:
+                # Under load vLLM sends several tokens in one chunk: count token ids.
+                got = sum(len(c.get("token_ids") or []) for c in
+                          json.loads(line[6:]).get("choices") or [])
+                tokens += got
+                if first is None and got:
                     first = time.perf_counter() - t0
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +81,7 @@ class Cluster:
         prof = cfg.profile
         makers = {
             "prefill": lambda rid: PrefillReplica(rid, prof, self.loop, look_back,
-                                                  self._prefilled),
+                                                  self._prefilled, self._decode_busy),
             "decode": lambda rid: DecodeReplica(rid, prof, self.loop, look_back,
                                                 self._finished, self._prefill_busy),
             "aggregated": lambda rid: AggregatedReplica(rid, prof, self.loop, look_back,
@@ -94,13 +95,17 @@ class Cluster:
             n = (cfg.initial or {}).get(phase, max(bounds.min_replicas, 1))
             pool.start(n)
 
-    def _prefill_busy(self) -> float:
-        """Share of running prefill replicas in the middle of a step."""
-        pool = self.pools.get("prefill")
+    def _busy_share(self, phase: str, busy: Callable[[Replica], bool]) -> float:
+        """Share of the phase's running replicas for which ``busy`` holds (host sharing)."""
+        pool = self.pools.get(phase)
         running = [r for r in pool.live if r.state == RUNNING] if pool else []
-        if not running:
-            return 0.0
-        return sum(1 for r in running if r.in_step) / len(running)
+        return sum(1 for r in running if busy(r)) / len(running) if running else 0.0
+
+    def _prefill_busy(self) -> float:
+        return self._busy_share("prefill", lambda r: bool(r.in_step))  # mid-step
+
+    def _decode_busy(self) -> float:
+        return self._busy_share("decode", lambda r: bool(r.running))  # sequences to decode
 
     # --- View ----------------------------------------------------------------------------
 

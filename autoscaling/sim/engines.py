@@ -4,7 +4,8 @@ Three kinds, one per role:
 
 - :class:`PrefillReplica`: each step packs queued prompts FCFS into at most
   ``max_num_batched_tokens`` prompt tokens and ``max_num_seqs`` prompts (a long prompt is
-  chunked over several steps); the step takes ``profile.prefill_ms(tokens in the step)``.
+  chunked over several steps); the step takes ``profile.pd_prefill_ms(tokens in the step,
+  decode busy share)`` (``prefill_ms`` unless the profile measured host sharing).
 - :class:`DecodeReplica`: admits handed-off sequences FCFS while it holds fewer than
   ``max_num_seqs`` and their KV fits ``kv.capacity_tokens``; every step produces one token for
   every running sequence in ``profile.pd_itl_ms(batch, mean context, prefill busy share)``
@@ -141,9 +142,11 @@ class PrefillReplica(Replica):
     kind = "prefill"
 
     def __init__(self, rid: str, profile: Profile, loop: EventLoop, look_back_s: float,
-                 on_prefilled: Callback = _ignore):
+                 on_prefilled: Callback = _ignore,
+                 decode_busy: Callable[[], float] = lambda: 0.0):
         super().__init__(rid, profile, loop, look_back_s)
         self.on_prefilled = on_prefilled
+        self.decode_busy = decode_busy  # share of decode engines decoding (host sharing)
         self.queue: deque[list] = deque()  # [request, prompt tokens left]
         self.in_step = 0
 
@@ -173,7 +176,8 @@ class PrefillReplica(Replica):
             budget -= take
             tokens += take
         self.in_step = len(batch)
-        self.loop.after(p.prefill_ms(tokens) / 1e3, self._end_step, batch, tokens)
+        ms = p.pd_prefill_ms(tokens, self.decode_busy())
+        self.loop.after(ms / 1e3, self._end_step, batch, tokens)
 
     def _end_step(self, batch: list, tokens: int) -> None:
         now = self.loop.now

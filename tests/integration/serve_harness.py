@@ -133,3 +133,16 @@ def engine_stats(app_name: str, deployment: str) -> dict[str, Any]:
 
 def client(base_url: str) -> httpx.Client:
     return httpx.Client(base_url=base_url, timeout=httpx.Timeout(120.0))
+
+
+def router_state(app_name: str) -> dict[str, Any]:
+    """The KV router's view (``KVRouter.state``): pools, replicas, their last reports."""
+    from ray import serve
+
+    return serve.get_deployment_handle("KVRouter", app_name=app_name).state.remote().result(
+        timeout_s=30)
+
+
+def live_replicas(app_name: str, pool: str) -> dict[str, Any]:
+    """The pool's replicas the router takes as alive, with their router state."""
+    return {r: s for r, s in router_state(app_name)["pools"][pool].items() if s["alive"]}

@@ -27,6 +27,8 @@ from tests.integration.serve_harness import (
     app_config,
     deploy,
     engine_handle,
+    live_replicas,
+    router_state,
     start_serve,
     stop_serve,
     wait_until,
@@ -69,14 +71,11 @@ def base():
 
 
 def _router_state() -> dict:
-    from ray import serve
-
-    return serve.get_deployment_handle("KVRouter", app_name=APP).state.remote().result(
-        timeout_s=30)
+    return router_state(APP)
 
 
 def _live(pool: str) -> dict:
-    return {r: s for r, s in _router_state()["pools"][pool].items() if s["alive"]}
+    return live_replicas(APP, pool)
 
 
 def _replica_stats(deployment: str, want: int = 2, strict: bool = True) -> dict[str, dict]:

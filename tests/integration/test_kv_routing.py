@@ -23,6 +23,8 @@ from tests.integration.serve_harness import (
     app_config,
     client,
     deploy,
+    live_replicas,
+    router_state,
     start_serve,
     stop_serve,
     wait_until,
@@ -65,14 +67,11 @@ def urls():
 
 
 def _router_state() -> dict:
-    from ray import serve
-
-    return serve.get_deployment_handle("KVRouter", app_name=APP).state.remote().result(
-        timeout_s=30)
+    return router_state(APP)
 
 
 def _live(pool: str) -> dict:
-    return {r: s for r, s in _router_state()["pools"][pool].items() if s["alive"]}
+    return live_replicas(APP, pool)
 
 
 def _engine_counters() -> dict[str, dict]:
