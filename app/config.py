@@ -148,7 +148,11 @@ class RoutingConfig(_Strict):
         "out of routing (it died or hangs).")
     advertise_host: str | None = Field(
         None, description="Address replicas advertise for their KV-event and load sockets; "
-        "None = the node IP. The sockets bind on all interfaces.")
+        "None = the node IP.")
+    bind_host: str | None = Field(
+        None, description="Where those sockets listen: None = the advertised address only "
+        "(cluster-internal); '*' = every interface (e.g. behind NAT, where the advertised "
+        "address is not local).")
 
     def weights(self):
         """The policy's weights and thresholds: the fields both classes share."""

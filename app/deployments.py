@@ -21,7 +21,12 @@ from app.config import AppConfig, PhaseConfig, parse_core_spec
 from app.cpu_pinning import describe_affinity, engine_pids, pin_process_tree
 from app.engine_clients import HandleEngineClient, LocalEngineClient
 from app.engine_host import EngineHost
-from app.engine_process import NIXL_DELAY_ENV, SHM_BUSY_LOOP_ENV, setup_engine_process
+from app.engine_process import (
+    KV_EVENTS_BIND_ENV,
+    NIXL_DELAY_ENV,
+    SHM_BUSY_LOOP_ENV,
+    setup_engine_process,
+)
 from app.engine_protocol import Head
 from app.ingress import OpenAIFront
 from app.ports import listen_port
@@ -114,21 +119,25 @@ class EngineServer:
     # --- KV-aware routing: what the router subscribes to -------------------------------------
 
     def _kv_events_config(self, cfg: AppConfig) -> dict[str, Any]:
-        """vLLM publishes KV events on a wildcard bind (a host-specific endpoint would make it
-        *connect*, DESIGN.md); the router connects to the advertised address."""
+        """vLLM's publisher binds, the router connects to the advertised address. Bound on
+        ``routing.bind_host`` (default: the advertised, cluster-internal address); a host
+        other than ``*`` needs the engine-process patch, since vLLM would connect there."""
         host = cfg.routing.advertise_host or _node_ip()
-        first = listen_port("0.0.0.0")
-        second = next(p for p in iter(lambda: listen_port("0.0.0.0"), None) if p != first)
-        ports = first, second
-        self._metadata.update(kv_events=f"tcp://{host}:{ports[0]}",
-                              kv_replay=f"tcp://{host}:{ports[1]}")
+        bind = cfg.routing.bind_host or host
+        probe = "0.0.0.0" if bind == "*" else bind
+        first = listen_port(probe)
+        second = next(p for p in iter(lambda: listen_port(probe), None) if p != first)
+        if bind != "*":
+            os.environ[KV_EVENTS_BIND_ENV] = "1"  # inherited by the engine-core process
+        self._metadata.update(kv_events=f"tcp://{host}:{first}",
+                              kv_replay=f"tcp://{host}:{second}")
         return {"enable_kv_cache_events": True, "publisher": "zmq",
-                "endpoint": f"tcp://*:{ports[0]}", "replay_endpoint": f"tcp://*:{ports[1]}"}
+                "endpoint": f"tcp://{bind}:{first}", "replay_endpoint": f"tcp://{bind}:{second}"}
 
     def _start_load_reports(self, cfg: AppConfig) -> None:
         host = cfg.routing.advertise_host or _node_ip()
-        # Bound where it is advertised (cluster-internal), not on every interface.
-        self.publisher = LoadPublisher(self._load_report, host, bind_host=host)
+        bind = cfg.routing.bind_host or host
+        self.publisher = LoadPublisher(self._load_report, host, bind_host=bind)
         collector = self.host.stats_collector
         collector.arrivals_at_finish = False  # the router's hints say it on arrival instead
         self.inflight = InFlight(on_change=self.publisher.changed,

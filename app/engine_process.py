@@ -12,6 +12,10 @@ never import our code otherwise. Both fixes are measured in DESIGN.md:
   config) makes it sleep between polls.
 * vLLM's shared-memory queue readers spin for 1 s after every message (``PD_SHM_BUSY_LOOP_S``
   shortens that, see :func:`patch_shm_busy_loop`).
+* vLLM's KV-event publisher *binds* only wildcard endpoints (``tcp://*:port``, every
+  interface) and *connects* to any other. ``PD_KV_EVENTS_BIND_HOST=1`` makes it bind a
+  host-specific endpoint too, so the socket listens on the cluster-internal address only
+  (:func:`patch_kv_events_bind`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 
 NIXL_DELAY_ENV = "PD_NIXL_PROGRESS_DELAY_US"
 SHM_BUSY_LOOP_ENV = "PD_SHM_BUSY_LOOP_S"
+KV_EVENTS_BIND_ENV = "PD_KV_EVENTS_BIND_HOST"
 _SYS_ARCH_PRCTL = 158
 _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
@@ -110,6 +115,24 @@ def patch_shm_busy_loop(seconds: float) -> bool:
     return True
 
 
+def patch_kv_events_bind() -> bool:
+    """Make vLLM's ZMQ KV-event publisher bind ``tcp://<host>:<port>`` instead of connecting.
+
+    The router subscribes (connects) to the publisher, so the publisher must listen; binding
+    the advertised address instead of ``*`` keeps the socket off public interfaces.
+    """
+    try:
+        from vllm.distributed.kv_events import ZmqEventPublisher
+    except Exception:  # noqa: BLE001 - not a vLLM process
+        return False
+    if getattr(ZmqEventPublisher, "_pd_serve_bind_host", False):
+        return True
+    ZmqEventPublisher._is_bind_endpoint = staticmethod(
+        lambda endpoint: endpoint.startswith(("tcp://", "ipc://", "inproc://")))
+    ZmqEventPublisher._pd_serve_bind_host = True
+    return True
+
+
 def setup_engine_process() -> None:
     """vLLM general-plugin hook: idempotent, cheap, safe in any process."""
     request_amx_permission()
@@ -119,3 +142,5 @@ def setup_engine_process() -> None:
     busy = os.environ.get(SHM_BUSY_LOOP_ENV)
     if busy:
         patch_shm_busy_loop(float(busy))
+    if os.environ.get(KV_EVENTS_BIND_ENV) == "1":
+        patch_kv_events_bind()

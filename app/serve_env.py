@@ -16,6 +16,8 @@ server's 17 and 48 ms.
 
 from __future__ import annotations
 
+import os
+
 from app.ports import free_port
 
 FAST_INGRESS_ENV = {
@@ -24,6 +26,12 @@ FAST_INGRESS_ENV = {
     # request body to /internal/route. Unused by the other policies.
     "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
 }
+# HAProxy's client timeout also bounds how long a client may take to send its request headers
+# (its `timeout http-request` is unset, so it falls back to this). Ray's default is an hour: a
+# slow-loris client would hold a connection slot that long. Once a request is sent HAProxy
+# waits on the server side, so long generations are not cut (tested). An explicitly set
+# value in the environment wins.
+CLIENT_TIMEOUT_ENV, CLIENT_TIMEOUT_S = "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S", 60
 # Behind HAProxy an ingress replica stays up 30 s after it is told to stop, so that load
 # balancers on other nodes can deregister it. One machine has none: stop in a second.
 LOCAL_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
@@ -36,6 +44,7 @@ def serve_env(local: bool = False, isolated: bool = False,
     default) move to free ports, so test and benchmark clusters never collide with another
     cluster on the same machine."""
     env = dict(FAST_INGRESS_ENV)
+    env[CLIENT_TIMEOUT_ENV] = os.environ.get(CLIENT_TIMEOUT_ENV, str(CLIENT_TIMEOUT_S))
     if local:
         env.update(LOCAL_ENV)
     if isolated:

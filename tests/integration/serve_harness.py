@@ -45,8 +45,12 @@ def app_config(mode: str, **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
-def start_serve(num_cpus: int = 4) -> int:
-    """A fresh local Ray cluster and Serve on a free loopback port; returns the port."""
+_saved_env: dict[str, str | None] = {}
+
+
+def start_serve(num_cpus: int = 4, env: dict[str, str] | None = None) -> int:
+    """A fresh local Ray cluster and Serve on a free loopback port; returns the port.
+    ``env``: extra Ray settings for this cluster (its processes inherit them)."""
     import ray
     from ray import serve
 
@@ -56,6 +60,9 @@ def start_serve(num_cpus: int = 4) -> int:
     os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
     # Tested as users run it: HAProxy in front, engine replicas serving HTTP themselves.
     os.environ.update(serve_env(local=True, isolated=True))
+    for key, value in (env or {}).items():
+        _saved_env.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
     ray.init(
         num_cpus=num_cpus,
         _node_ip_address="127.0.0.1",
@@ -108,6 +115,12 @@ def stop_serve() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
+        for key, value in _saved_env.items():  # the next module's cluster starts as usual
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _saved_env.clear()
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):

@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 KEY = "sk-test-4f1c9e"
 MAX_BYTES = 64 * 1024
 BODY_TIMEOUT_S = 3
+CLIENT_TIMEOUT_S = 4  # HAProxy's client timeout (app/serve_env.py), lowered to test it
 AUTH = {"authorization": f"Bearer {KEY}"}
 
 
@@ -38,7 +39,8 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 def app(tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "api_keys"
     keys.write_text(f"# test keys\n{KEY}\nsk-other\n")
-    port = start_serve(num_cpus=4)
+    port = start_serve(num_cpus=4, env={"RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S":
+                                        str(CLIENT_TIMEOUT_S)})
     try:
         deploy(app_config("disaggregated", server={
             "max_request_bytes": MAX_BYTES, "max_json_depth": 32,
@@ -167,6 +169,38 @@ def test_slow_headers_never_reach_an_engine(app):
             assert c.get("/v1/models").status_code == 200
     finally:
         s.close()
+
+
+def test_haproxy_drops_slow_headers_but_not_long_generations(app):
+    """Headers not complete within HAProxy's client timeout: 408 and the connection closed. A
+    request whose answer takes longer than that timeout is not cut (HAProxy then waits on
+    the server side), streamed or not."""
+    s = _raw(app["port"], b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    try:
+        s.settimeout(CLIENT_TIMEOUT_S + 30)
+        t0 = time.monotonic()
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert CLIENT_TIMEOUT_S - 1 <= time.monotonic() - t0 < CLIENT_TIMEOUT_S + 20
+    finally:
+        s.close()
+    body = {"model": MODEL_NAME, "prompt": "a long answer", "max_tokens": 1800,
+            "ignore_eos": True, "temperature": 0}
+    with _client(app) as c:
+        t0 = time.monotonic()
+        r = c.post("/v1/completions", json=body, timeout=300)
+        took = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 1800
+        assert took > CLIENT_TIMEOUT_S + 0.5, f"{took:.1f}s: too fast to test the timeout"
+        t0 = time.monotonic()
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True},
+                      timeout=300) as stream:
+            lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        assert time.monotonic() - t0 > CLIENT_TIMEOUT_S + 0.5
 
 
 # --- fuzzing ---------------------------------------------------------------------------------

@@ -129,3 +129,32 @@ def test_shm_busy_loop_untouched_without_setting(monkeypatch):
     spin_condition(True, None, "ipc://x")
     assert seen == [1]
     assert shm.SHM_READER_RECHECK_INTERVAL_MS == 5000
+
+
+def test_kv_events_patch_binds_host_specific_endpoint(monkeypatch):
+    """Unpatched, vLLM's publisher *connects* to tcp://<ip>:<port> (nobody would listen);
+    patched, it binds exactly that address and a subscriber receives its events."""
+    from vllm.distributed.kv_events import ZmqEventPublisher
+
+    monkeypatch.setattr(ZmqEventPublisher, "_is_bind_endpoint",
+                        ZmqEventPublisher.__dict__["_is_bind_endpoint"])
+    assert not ZmqEventPublisher._is_bind_endpoint("tcp://127.0.0.1:5557")
+    monkeypatch.setattr(ZmqEventPublisher, "_pd_serve_bind_host", False, raising=False)
+    monkeypatch.setenv(engine_process.KV_EVENTS_BIND_ENV, "1")
+    engine_process.setup_engine_process()
+    assert ZmqEventPublisher._is_bind_endpoint("tcp://127.0.0.1:5557")
+    assert ZmqEventPublisher._is_bind_endpoint("tcp://*:5557")
+
+    from app.ports import listen_port
+
+    port = listen_port("127.0.0.1")
+    pub = ZmqEventPublisher(0, endpoint=f"tcp://127.0.0.1:{port}")
+    try:
+        import psutil
+
+        listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.pid in (None, psutil.Process().pid)}
+        assert ("127.0.0.1", port) in listening
+        assert ("0.0.0.0", port) not in listening
+    finally:
+        pub.shutdown()
