@@ -14,6 +14,7 @@ from ray.serve.config import RequestRouterConfig
 
 from app.config import AppConfig, PhaseConfig
 from app.deployments import AggregatedServer, DecodeServer, KVRouterServer, PrefillServer
+from app.placement import placement_options
 
 _POOL_ROUTERS = "app.routing.pool_routers"
 # Ray Serve LLM's router, by its implementation path: the public re-export in ray.serve.llm
@@ -24,9 +25,12 @@ PREFIX_AFFINITY_ROUTER = ("ray.llm._internal.serve.routing_policies.prefix_aware
 
 def _engine_options(cfg: AppConfig, name: str) -> dict[str, Any]:
     phase: PhaseConfig = getattr(cfg, name)
+    actor, placement = placement_options(phase.placement, phase.ray_actor_options,
+                                         cfg.engine_kwargs(name, "auto"))
     return {
         **_replicas(cfg, name, phase),
-        "ray_actor_options": phase.ray_actor_options,
+        **placement,
+        "ray_actor_options": actor,
         "max_ongoing_requests": phase.max_ongoing_requests,
         # Engine start-up (weights, KV cache, warm-up) takes minutes on big models.
         "health_check_timeout_s": 60,
@@ -69,10 +73,13 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     if cfg.autoscaling.enabled:
         from autoscaling.profile_model import Profile
 
-        profile = Path(cfg.autoscaling.profile)
-        if profile.exists():  # the policies run in Ray's controller, elsewhere
-            cfg.autoscaling.profile = str(profile.resolve())
-        Profile.load(cfg.autoscaling.profile)  # a missing or bad profile fails the deploy
+        s = cfg.autoscaling
+        for owner in (s, s.prefill, s.decode, s.aggregated):
+            if owner.profile is None:
+                continue
+            if Path(owner.profile).exists():  # the policies run in Ray's controller
+                owner.profile = str(Path(owner.profile).resolve())
+            Profile.load(owner.profile)  # a missing or bad profile fails the deploy
     raw = cfg.model_dump()
     policy = cfg.routing.policy
     if policy == "kv" and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":

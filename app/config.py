@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.placement import PlacementConfig, engine_placement_args
 from autoscaling.settings import AutoscalingSettings
 
 Mode = Literal["disaggregated", "aggregated"]
@@ -43,6 +44,9 @@ class PhaseConfig(_Strict):
         default_factory=dict, description="Environment set in the replica before the engine."
     )
     max_ongoing_requests: int = Field(256, ge=1)
+    placement: PlacementConfig = Field(
+        default_factory=PlacementConfig, description="Node group and GPU type of this "
+        "phase's replicas; one GPU bundle per device for TP/PP > 1 (app/placement.py).")
 
     @field_validator("cpu_cores")
     @classmethod
@@ -216,6 +220,7 @@ class AppConfig(_Strict):
         phase = {"prefill": self.prefill, "decode": self.decode}.get(role, self.aggregated)
         kwargs: dict[str, Any] = {"model": self.model.path, **self.engine_args}
         kwargs.update(phase.engine_args)
+        kwargs.update(engine_placement_args(kwargs))
         if role in ("prefill", "decode"):
             kv: dict[str, Any] = {
                 "kv_connector": "NixlConnector",

@@ -69,7 +69,8 @@ class PhasePolicy:
 
     def __init__(self, phase: str, settings: dict[str, Any]):
         self.settings = AutoscalingSettings.model_validate(settings)
-        self.sizer = PhaseSizer(phase, self.settings, Profile.load(self.settings.profile))
+        self.sizer = PhaseSizer(phase, self.settings,
+                                Profile.load(self.settings.profile_for(phase)))
         self.coordinator = Coordinator(self.settings)
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
@@ -95,9 +96,8 @@ class PDAppPolicy:
 
     def _setup(self, kwargs: dict[str, Any]) -> None:
         settings = AutoscalingSettings.model_validate(kwargs["settings"])
-        profile = Profile.load(settings.profile)
         self._coordinator = Coordinator(settings)
-        self._sizers = {p: PhaseSizer(p, settings, profile)
+        self._sizers = {p: PhaseSizer(p, settings, Profile.load(settings.profile_for(p)))
                         for p in ("prefill", "decode", "aggregated")}
 
     def __call__(self, ctxs: dict[Any, Any]

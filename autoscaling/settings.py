@@ -19,6 +19,9 @@ class PhaseBounds(_Strict):
     replica_cost: float = Field(
         1.0, gt=0, description="What one replica of this phase takes from the budget (GPUs, "
         "or cores on CPU); lets prefill and decode run on different GPU types.")
+    profile: str | None = Field(
+        None, description="This phase's capacity profile when it runs on other hardware "
+        "than the app's `profile` (prefill on H100, decode on L40S); None = that one.")
 
     @model_validator(mode="after")
     def _ordered(self) -> PhaseBounds:
@@ -60,6 +63,10 @@ class AutoscalingSettings(_Strict):
     allow_scale_to_zero: bool = Field(False, description="Let a phase go to 0 replicas.")
     look_back_period_s: float = Field(10.0, gt=0, description="Window of the signals.")
     metrics_interval_s: float = Field(1.0, gt=0, description="How often replicas push them.")
+
+    def profile_for(self, phase: str) -> str:
+        """The capacity profile sizing ``phase``: its own, else the app's."""
+        return getattr(self, phase).profile or self.profile
 
     @model_validator(mode="after")
     def _consistent(self) -> AutoscalingSettings:

@@ -297,3 +297,20 @@ def test_replicas_still_starting_are_not_asked_for_again(tmp_path):
     for t in range(1, 30):
         assert policy(ctx("prefill", 1, breach, s, now=t, target=2))[0] == 2
     assert policy(ctx("prefill", 2, breach, s, now=31, target=2))[0] == 3
+
+
+def test_each_phase_can_size_with_its_own_hardware_profile():
+    """Prefill on H100, decode on L40S: each phase's demand uses its own profile."""
+    settings = {"enabled": True, "profile": "h100-llama-3.1-8b",
+                "decode": {"min_replicas": 1, "max_replicas": 4,
+                           "profile": "l40s-llama-3.1-8b"}}
+    s = AutoscalingSettings.model_validate(settings)
+    assert s.profile_for("prefill") == "h100-llama-3.1-8b"
+    assert s.profile_for("decode") == "l40s-llama-3.1-8b"
+    assert PhasePolicy("decode", settings).sizer.profile.name == \
+        Profile.load("l40s-llama-3.1-8b").name
+    assert PhasePolicy("prefill", settings).sizer.profile.name == \
+        Profile.load("h100-llama-3.1-8b").name
+    app = PDAppPolicy()
+    app._setup({"settings": settings})
+    assert app._sizers["decode"].profile.name != app._sizers["prefill"].profile.name
