@@ -36,8 +36,8 @@ $(SMALL_MODEL_DIR)/config.json: app/tiny_model.py | $(STAMP)
 # app.port_guard first: a stale HAProxy of a killed run is stopped, any other holder of the
 # ports is named in one line (exit 2) instead of a traceback.
 run: setup model
-	env $$($(PY) -m app.serve_env --local) $(PY) -m app.port_guard $(CONFIG)
-	env $$($(PY) -m app.serve_env --local) $(VENV)/bin/serve run $(CONFIG)
+	$(PY) -m app.serve_env --local $(PY) -m app.port_guard $(CONFIG)
+	$(PY) -m app.serve_env --local $(VENV)/bin/serve run $(CONFIG)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -10,13 +10,15 @@ ingress"). Measured in ``docs/BENCHMARKS.md`` (``aggregated`` vs ``aggregated-ra
 aggregated TTFT p50 24 ms → 19 ms at concurrency 1 and 68 → 39 ms at 4, against a plain vLLM
 server's 17 and 48 ms.
 
-``python -m app.serve_env [--local]`` prints them as ``KEY=VALUE`` words for
-``env $(...) serve run``.
+``python -m app.serve_env [--local] serve run <config>`` runs a command with them set;
+without a command it prints them as shell assignments (``export $(...)`` is not safe: some
+values contain spaces).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 
 from app.ports import free_port
 
@@ -32,6 +34,11 @@ FAST_INGRESS_ENV = {
 # waits on the server side, so long generations are not cut (tested). An explicitly set
 # value in the environment wins.
 CLIENT_TIMEOUT_ENV, CLIENT_TIMEOUT_S = "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S", 60
+# When a decode replica's process dies, the requests it had not begun answering (non-streamed
+# ones, streams before their headers) reach HAProxy as an empty response. Ray retries only
+# connection failures (to never run a non-idempotent request twice); a completion has no side
+# effect, so HAProxy replays those on another replica. Streams already under way are cut.
+RETRY_ON_ENV, RETRY_ON = "RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure empty-response"
 # Behind HAProxy an ingress replica stays up 30 s after it is told to stop, so that load
 # balancers on other nodes can deregister it. One machine has none: stop in a second.
 LOCAL_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
@@ -45,6 +52,7 @@ def serve_env(local: bool = False, isolated: bool = False,
     cluster on the same machine."""
     env = dict(FAST_INGRESS_ENV)
     env[CLIENT_TIMEOUT_ENV] = os.environ.get(CLIENT_TIMEOUT_ENV, str(CLIENT_TIMEOUT_S))
+    env[RETRY_ON_ENV] = os.environ.get(RETRY_ON_ENV, RETRY_ON)
     if local:
         env.update(LOCAL_ENV)
     if isolated:
@@ -53,7 +61,18 @@ def serve_env(local: bool = False, isolated: bool = False,
     return env
 
 
+def main(argv: list[str]) -> None:
+    """``[--local] [COMMAND ...]``: run COMMAND with the settings in its environment (values
+    may contain spaces, which ``env $(...)`` would split), or print them for ``export``."""
+    local = bool(argv) and argv[0] == "--local"
+    command = argv[1:] if local else argv
+    env = serve_env(local=local)
+    if command:
+        os.execvpe(command[0], command, {**os.environ, **env})
+    print("\n".join(f"{k}={shlex.quote(v)}" for k, v in env.items()))
+
+
 if __name__ == "__main__":
     import sys
 
-    print(" ".join(f"{k}={v}" for k, v in serve_env(local="--local" in sys.argv).items()))
+    main(sys.argv[1:])

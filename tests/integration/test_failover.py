@@ -354,3 +354,66 @@ def test_decode_engine_killed_mid_stream_streams_migrate(base, reference):
 
     wait_until(replaced, 300, interval=3, what="dead decode replica replaced")
     _assert_unbroken(_run_streams(base), reference)  # and the app serves as before
+
+
+def _completion(url: str, i: int, out: dict) -> None:
+    body = {"model": MODEL_NAME, "prompt": prompt(i), "max_tokens": TOKENS, "temperature": 0,
+            "ignore_eos": True}
+    try:
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(300.0))
+        out[i] = (r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200
+                  else r.text[:300])
+    except Exception as exc:  # noqa: BLE001 - recorded as the request's failure
+        out[i] = (None, f"{type(exc).__name__}: {exc}")
+
+
+def test_decode_replica_process_killed_unanswered_requests_replayed(base, reference):
+    """The whole decode replica process dies (OOM kill, node loss), not just its engine:
+    its HTTP connections die with it. Requests it had not begun answering (here: >= 5
+    non-streamed completions in flight on it) reach HAProxy as an empty response and are
+    replayed on the other replica (`retry-on empty-response`, app/serve_env.py): all
+    complete with the unbroken run's text. (A stream already under way cannot survive the
+    death of the process holding its socket; see README, Failover.)"""
+    from ray.util.state import list_actors
+
+    engine_pids = {r: [int(p) for p in s["affinity"]]
+                   for r, s in _replica_stats("DecodeServer").items()}
+    actor_pid = {a.name.removeprefix("SERVE_REPLICA::"): a.pid for a in list_actors(
+        filters=[("class_name", "=", f"ServeReplica:{APP}:DecodeServer"),
+                 ("state", "=", "ALIVE")])}
+    assert set(engine_pids) <= set(actor_pid), (engine_pids, actor_pid)
+    results: dict[int, tuple] = {}
+    threads = [threading.Thread(target=_completion, args=(base, i, results), daemon=True)
+               for i in range(STREAMS)]
+    for t in threads:
+        t.start()
+    killed: dict = {}
+    deadline = time.monotonic() + 120
+    while not killed and time.monotonic() < deadline:
+        reports = {r: (s.get("report") or {}) for r, s in _live("decode").items()}
+        running = {r: int(rep.get("running") or 0) for r, rep in reports.items()}
+        victim = max(running, key=running.get) if running else None
+        if victim and running[victim] >= 5:
+            killed.update(replica=victim, running=running[victim])
+            for pid in [actor_pid[victim], *engine_pids[victim]]:  # replica first: no migration
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.01)
+    for t in threads:
+        t.join(300)
+    assert killed, "no decode replica reached 5 running requests"
+    failed = {i: r for i, r in results.items() if r[0] != 200}
+    assert len(results) == STREAMS and not failed, failed
+    for i, (_, text) in results.items():
+        assert text == reference[i][1], (i, text, reference[i][1])
+    print(f"decode replica process killed with {killed['running']} requests running on it: "
+          f"all {STREAMS} completed")
+
+    def replaced() -> bool:
+        stats = _replica_stats("DecodeServer", strict=False)
+        return len(stats) == 2 and killed["replica"] not in stats
+
+    wait_until(replaced, 300, interval=3, what="killed decode replica replaced")
+    wait_until(lambda: len(_live("decode")) == 2, 120, what="2 live decode replicas")
