@@ -1,4 +1,5 @@
-"""Command line: ``run``, ``compare`` and ``describe`` (see ``loadtests/README.md``)."""
+"""Command line: ``run``, ``compare``, ``describe`` and ``traces fetch`` (see
+``loadtests/README.md``)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ WORKLOAD_HELP = (
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", required=True, help=WORKLOAD_HELP)
     p.add_argument("--traces-dir", type=Path, default=None,
-                   help="directory with the trace files (default: ../shared/traces beside the "
-                        "repository, or $LOADTESTS_TRACES_DIR)")
+                   help="directory with the trace files (default: $LOADTESTS_TRACES_DIR, else "
+                        "../shared/traces beside the repository, else the `traces fetch` cache)")
     p.add_argument("--token-range", type=TokenSpace.parse, default=None, metavar="LO:HI",
                    help="draw prompt token ids from [LO, HI) (default: from the vocabulary)")
     p.add_argument("--vocab-size", type=int, default=None,
@@ -96,7 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     desc = sub.add_parser("describe", help="build a workload offline and print its statistics")
     _add_workload_args(desc)
+    _add_traces_args(sub)
     return parser
+
+
+def _add_traces_args(sub: argparse._SubParsersAction) -> None:
+    from loadtests.trace_fetch import MIRROR_ENV, SOURCES
+    from loadtests.traces import CACHE_ENV
+
+    traces = sub.add_parser("traces", help="manage the public trace files")
+    tsub = traces.add_subparsers(dest="traces_command", required=True)
+    fetch = tsub.add_parser(
+        "fetch", help="download the Azure 2023 and Mooncake traces, SHA-256 verified",
+        description="Download the public traces into a cache dir and verify their pinned "
+                    "SHA-256 (those of the ../shared/traces copies). Files already present "
+                    "with the right checksum are not downloaded again.")
+    fetch.add_argument("keys", nargs="*", metavar="TRACE",
+                       help=f"which traces: {', '.join(SOURCES)} (default: all)")
+    fetch.add_argument("--dir", type=Path, default=None, dest="dest",
+                       help=f"destination (default: ${CACHE_ENV}, else "
+                            "~/.cache/pd-serve/traces)")
+    fetch.add_argument("--from", default=None, dest="mirror", metavar="URL_OR_DIR",
+                       help="fetch <URL_OR_DIR>/<file name> instead of the published URLs "
+                            f"(default: ${MIRROR_ENV})")
+    fetch.add_argument("--timeout", type=float, default=60.0, help="seconds per connection")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = args.out or default_compare_dir(args.dirs)
             run_compare(args.dirs, labels, out if args.plots else None, args.cdf_load, Console())
             return 0
+        if args.command == "traces":
+            return _traces_fetch(args)
         return _describe(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         console.print(f"[red]error:[/] {exc}")
@@ -178,4 +204,20 @@ def _describe(args: argparse.Namespace) -> int:
     stats = workload_stats(requests, args.cache_block)
     print(json.dumps({"workload": spec.compact(), "token_range": f"{space.lo}:{space.hi}",
                       **stats}, indent=1))
+    return 0
+
+
+def _traces_fetch(args: argparse.Namespace) -> int:
+    from loadtests.trace_fetch import SOURCES, fetch_traces
+    from loadtests.traces import default_cache_dir, resolve_traces_dir
+
+    dest = args.dest or default_cache_dir()
+    statuses = fetch_traces(dest, args.keys, args.mirror, args.timeout)
+    for name, status in statuses.items():
+        print(f"{status:10} {dest / name}")
+    for src in {s.license: s for s in SOURCES.values() if s.name in statuses}.values():
+        print(f"licence: {src.license}; cite {src.citation}")
+    if (used := resolve_traces_dir()).resolve() != dest.resolve():
+        print(f"note: load tests read traces from {used} (first in the lookup order); pass "
+              f"--traces-dir {dest} to use these")
     return 0

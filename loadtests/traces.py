@@ -2,7 +2,8 @@
 
 Parsers take lines, not paths, so they are tested on hand-written rows; only
 :func:`read_trace` and :func:`resolve_traces_dir` touch the file system. Traces are never
-copied into the repository: they are found in ``../shared/traces`` beside it by default.
+copied into the repository: they are found in ``../shared/traces`` beside it by default, else
+in the cache that ``python -m loadtests traces fetch`` fills (``loadtests/trace_fetch.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ TRACE_FILES = {
     "mooncake": "mooncake_synthetic_trace.jsonl",
 }
 TRACES_ENV = "LOADTESTS_TRACES_DIR"
+CACHE_ENV = "LOADTESTS_TRACES_CACHE"
+FETCH_HINT = "run `python -m loadtests traces fetch`, pass --traces-dir or set $" + TRACES_ENV
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,19 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
+def default_cache_dir() -> Path:
+    """Where ``traces fetch`` puts downloads: ``$LOADTESTS_TRACES_CACHE``, else
+    ``$XDG_CACHE_HOME/pd-serve/traces``, else ``~/.cache/pd-serve/traces`` (outside the repo)."""
+    if env := os.environ.get(CACHE_ENV):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pd-serve" / "traces"
+
+
 def resolve_traces_dir(override: str | os.PathLike[str] | None = None) -> Path:
     """``--traces-dir``, else ``$LOADTESTS_TRACES_DIR``, else ``../shared/traces`` beside the
-    repository root or the current directory."""
+    repository root or the current directory, else the fetch cache (:func:`default_cache_dir`).
+    If none exists, the cache dir is returned so the "not found" error points where fetch goes."""
     if override:
         return Path(override)
     if env := os.environ.get(TRACES_ENV):
@@ -110,7 +123,7 @@ def resolve_traces_dir(override: str | os.PathLike[str] | None = None) -> Path:
     for candidate in candidates:
         if candidate.is_dir():
             return candidate
-    return candidates[0]
+    return default_cache_dir()
 
 
 def trace_path(key: str, path: str | None, traces_dir: Path) -> Path:
@@ -126,9 +139,7 @@ def trace_path(key: str, path: str | None, traces_dir: Path) -> Path:
 def read_trace(path: Path) -> list[TraceRecord]:
     """Read an Azure CSV or Mooncake JSONL file, chosen by suffix."""
     if not path.is_file():
-        raise FileNotFoundError(
-            f"trace {path} not found; pass --traces-dir or set ${TRACES_ENV}"
-        )
+        raise FileNotFoundError(f"trace {path} not found; {FETCH_HINT}")
     with path.open(newline="") as fh:
         if path.suffix == ".csv":
             return parse_azure_csv(fh)
