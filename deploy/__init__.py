@@ -1,0 +1,1 @@
+"""Deployment manifests (KubeRay, Anyscale, container image) and their generator."""
