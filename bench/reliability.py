@@ -8,8 +8,9 @@ process's memory sampled.
    ``--sample-s`` the RSS of every process of the app (Ray, replicas, vLLM engines, HAProxy)
    is read from ``/proc``; after the first ``--warmup-frac`` of the run, the least-squares
    slope of each process's RSS (MB per hour) and of their sum is reported. A leak shows as a
-   positive slope well above the sampling noise; the verdict line compares the total slope
-   with 1 % of the total RSS per hour.
+   positive slope well above the sampling noise that stays in the run's second half (a
+   warm-up's fades); the verdict line compares the total slope with 1 % of the total RSS per
+   hour. The samples are kept in ``<work-dir>/rss_samples.json``.
 
 Writes its section of ``docs/BENCHMARKS.md`` with the command::
 
@@ -206,9 +207,10 @@ def analyse(soaked: dict[str, Any], seconds: float, warmup_frac: float) -> dict[
             key = round(t / 5) * 5
             totals[key] = totals.get(key, 0.0) + mb
         slope = slope_per_hour(kept)
+        late = slope_per_hour([p for p in pts if p[0] >= seconds / 2])
         if kept:
             rows.append({"pid": pid, "name": soaked["names"][pid], "rss_mb": kept[-1][1],
-                         "first_mb": kept[0][1], "slope_mb_h": slope})
+                         "first_mb": kept[0][1], "slope_mb_h": slope, "late_mb_h": late})
     rows.sort(key=lambda r: -r["rss_mb"])
     total_pts = sorted(totals.items())
     total_slope = slope_per_hour(total_pts)
@@ -241,13 +243,15 @@ def render(args: argparse.Namespace, command: str, burst_r: dict[str, Any],
         + f". RSS sampled every {args.sample_s:g} s; slopes after the first "
         f"{args.warmup_frac:.0%} (warm-up):",
         "",
-        "| process | pid | RSS at end (MB) | RSS after warm-up (MB) | slope (MB/h) |",
-        "|---|---|---|---|---|",
+        "| process | pid | RSS at end (MB) | RSS after warm-up (MB) | slope (MB/h) "
+        "| slope, 2nd half (MB/h) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in analysis["rows"][:14]:
-        slope = "n/a" if r["slope_mb_h"] is None else f"{r['slope_mb_h']:+.1f}"
+        slope, late = ("n/a" if v is None else f"{v:+.1f}"
+                       for v in (r["slope_mb_h"], r.get("late_mb_h")))
         lines.append(f"| {r['name']} | {r['pid']} | {r['rss_mb']:.0f} | {r['first_mb']:.0f} | "
-                     f"{slope} |")
+                     f"{slope} | {late} |")
     total, rss = analysis["total_slope"], analysis["total_rss"]
     if total is not None:
         verdict = ("no growth beyond warm-up (below 1 % of the total RSS per hour)"
@@ -282,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         soak_r = asyncio.run(soak(base, proc.pid, args.soak_s, args.rate, args.sample_s,
                                   args.max_tokens))
     analysis = analyse(soak_r, args.soak_s, args.warmup_frac)
+    samples = Path(args.work_dir) / "rss_samples.json"  # for a closer look at any slope
+    samples.write_text(json.dumps({"names": soak_r["names"], "samples": soak_r["samples"]}))
     text = render(args, command, burst_r, soak_r, analysis)
     print(text)
     update_file(Path(args.docs), SECTION, text)
