@@ -22,6 +22,7 @@ import time
 import httpx
 import pytest
 
+from tests.integration.actors import alive_replicas
 from tests.integration.serve_harness import (
     MODEL_NAME,
     app_config,
@@ -374,13 +375,9 @@ def test_decode_replica_process_killed_unanswered_requests_replayed(base, refere
     replayed on the other replica (`retry-on empty-response`, app/serve_env.py): all
     complete with the unbroken run's text. (A stream already under way cannot survive the
     death of the process holding its socket; see README, Failover.)"""
-    from ray.util.state import list_actors
-
     engine_pids = {r: [int(p) for p in s["affinity"]]
                    for r, s in _replica_stats("DecodeServer").items()}
-    actor_pid = {a.name.removeprefix("SERVE_REPLICA::"): a.pid for a in list_actors(
-        filters=[("class_name", "=", f"ServeReplica:{APP}:DecodeServer"),
-                 ("state", "=", "ALIVE")])}
+    actor_pid = {a.replica_id: a.pid for a in alive_replicas(APP, "DecodeServer")}
     assert set(engine_pids) <= set(actor_pid), (engine_pids, actor_pid)
     results: dict[int, tuple] = {}
     threads = [threading.Thread(target=_completion, args=(base, i, results), daemon=True)

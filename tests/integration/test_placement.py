@@ -17,6 +17,7 @@ import pytest
 
 from app.ports import free_port
 from app.serve_env import serve_env
+from tests.integration.actors import alive_replicas
 from tests.integration.serve_harness import (
     BLOCK_SIZE,
     MODEL_NAME,
@@ -49,7 +50,12 @@ def cluster():
                              node_ip_address="127.0.0.1"),
     }
     try:
-        ray.init(address=c.address, log_to_driver=False, configure_logging=False)
+        # The driver would swap 127.0.0.1 for the machine's IP, where this cluster does not
+        # listen (it stays on loopback).
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("ray._private.services.resolve_ip_for_localhost", lambda host: host)
+            ray.init(address=c.address, _node_ip_address="127.0.0.1", log_to_driver=False,
+                     configure_logging=False)
         port = free_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         deploy(app_config(
@@ -70,11 +76,9 @@ def cluster():
 
 
 def _replica_nodes(deployment: str) -> set[str]:
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:pd:{deployment}"),
-                                  ("state", "=", "ALIVE")])
-    return {a.node_id for a in actors}
+    replicas = alive_replicas("pd", deployment)
+    assert replicas, f"no live {deployment} replica"
+    return {r.node_id for r in replicas}
 
 
 def test_each_phase_runs_only_on_its_node_group(cluster):
