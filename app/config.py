@@ -112,6 +112,18 @@ class ServerConfig(_Strict):
         "configured, /v1/* require 'Authorization: Bearer <key>'; /health stays open.")
 
 
+class MetricsConfig(_Strict):
+    """Prometheus metrics through Ray's metrics agent (docs/OBSERVABILITY.md)."""
+
+    enabled: bool = Field(
+        True, description="The app's own per-phase metrics (pd_*: TTFT, TPOT, routes, "
+        "fallbacks, migrations, queues, KV usage and transfers; app/metrics/).")
+    engine_metrics: bool = Field(
+        True, description="vLLM's own engine metrics (vllm:*, exported as ray_vllm_*) with a "
+        "phase label, through vLLM's RayPrometheusStatLogger; off = vLLM keeps its default, "
+        "unexported in-process Prometheus logger.")
+
+
 RoutingPolicy = Literal["kv", "power_of_two", "prefix_affinity"]
 
 
@@ -180,6 +192,7 @@ class AppConfig(_Strict):
     engine_process: EngineProcessConfig = Field(default_factory=EngineProcessConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     autoscaling: AutoscalingSettings = Field(
         default_factory=AutoscalingSettings,
         description="Per-phase SLO autoscaling (autoscaling/); off = fixed num_replicas.")

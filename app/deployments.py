@@ -9,6 +9,7 @@ never cross a Ray hop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -29,6 +30,9 @@ from app.engine_process import (
 )
 from app.engine_protocol import Head
 from app.ingress import OpenAIFront
+from app.metrics.math import phase_label
+from app.metrics.ray_metrics import EngineMetrics
+from app.metrics.vllm_logger import phase_stat_logger, refresh_gauges, serve_tags
 from app.ports import listen_port
 from app.routing.hints import RouteHint
 from app.routing.metrics import record_prediction
@@ -37,6 +41,8 @@ from app.routing.publisher import InFlight, LoadPublisher, RequestTracker
 from app.routing.router import KVRouter
 
 log = logging.getLogger("ray.serve")
+
+GAUGE_REFRESH_S = 1.0  # Ray drops a gauge series not set for 2 report intervals (>= 2 s)
 
 
 def _kv_buffer_device(setting: str) -> str:
@@ -66,14 +72,31 @@ class EngineServer:
         self._metadata: dict[str, Any] = {"role": self.role}
         if self.kv_router:
             engine_kwargs["kv_events_config"] = self._kv_events_config(cfg)
-        self.host = EngineHost(engine_kwargs, cfg.model.served_model_name)
+        phase_name = phase_label(self.role)
+        loggers = [phase_stat_logger(phase_name, tuple(sorted(serve_tags().items())))
+                   ] if cfg.metrics.engine_metrics else []
+        self.host = EngineHost(engine_kwargs, cfg.model.served_model_name, loggers)
         await self.host.start()
+        if cfg.metrics.enabled:
+            self.host.stats_collector.metrics = EngineMetrics(phase_name)
+        if cfg.metrics.enabled or cfg.metrics.engine_metrics:
+            self._gauge_task = asyncio.get_running_loop().create_task(self._refresh_gauges())
         if self.cores:
             pin_process_tree(self.cores, engine_pids())
         self.tracker: RequestTracker | None = None
         if self.kv_router:
             self._start_load_reports(cfg)
         log.info("%s replica %s ready (cores=%s)", self.role, rank, sorted(self.cores or []))
+
+    async def _refresh_gauges(self) -> None:
+        """Keep gauges alive while the engine idles (Ray drops unrefreshed gauge series)."""
+        while True:
+            await asyncio.sleep(GAUGE_REFRESH_S)
+            engine = self.host.stats_collector.metrics
+            if engine is not None:
+                engine.refresh()
+            if self.cfg.metrics.engine_metrics:
+                refresh_gauges()
 
     def _prepare_environment(self, cfg: AppConfig, phase: PhaseConfig) -> None:
         """Engine processes are spawned from this one and inherit its environment."""

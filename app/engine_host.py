@@ -30,7 +30,11 @@ log = logging.getLogger(__name__)
 class EngineHost:
     """Owns an AsyncLLM and the vLLM OpenAI serving objects built over it."""
 
-    def __init__(self, engine_kwargs: dict[str, Any], served_model_name: str):
+    def __init__(self, engine_kwargs: dict[str, Any], served_model_name: str,
+                 extra_stat_loggers: list[Any] | None = None):
+        """``extra_stat_loggers``: vLLM stat-logger factories run beside our collector, e.g.
+        ``app.metrics.vllm_logger.phase_stat_logger(phase)`` (vLLM's metrics through Ray)."""
+        self.extra_stat_loggers = list(extra_stat_loggers or [])
         self.engine_kwargs = dict(engine_kwargs)
         self.served_model_name = served_model_name
         self.engine = None
@@ -63,7 +67,7 @@ class EngineHost:
             executor_class=Executor.get_class(vllm_config),
             log_stats=True,
             log_requests=False,
-            stat_loggers=[stats_factory],
+            stat_loggers=[stats_factory, *self.extra_stat_loggers],
         )
         # vLLM's serving layer calls engine.generate: the ledger sees every output on its way.
         self.engine.generate = self.ledger.wrap(

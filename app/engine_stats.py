@@ -15,6 +15,7 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
+from app.metrics.math import TransferTotals, fold_transfer_stats
 from autoscaling.signals import SignalWindow
 
 log = logging.getLogger("ray.serve")
@@ -40,24 +41,6 @@ class EngineCounters:
     kv_block_size: int = 0
 
 
-def _sum_connector_stats(stats: Any, counters: EngineCounters) -> None:
-    """Fold NIXL's per-transfer lists (possibly nested per connector) into totals."""
-    if not isinstance(stats, dict):
-        stats = getattr(stats, "data", None)
-        if not isinstance(stats, dict):
-            return
-    for key, value in stats.items():
-        if isinstance(value, dict) or hasattr(value, "data"):
-            _sum_connector_stats(value, counters)
-        elif isinstance(value, list):
-            if key == "transfer_duration":
-                counters.kv_transfers += len(value)
-            elif key == "bytes_transferred":
-                counters.kv_bytes_transferred += int(sum(value))
-            elif key == "num_failed_transfers":
-                counters.kv_failed_transfers += int(sum(value))
-
-
 class EngineStatsCollector(StatLoggerBase):
     """A vLLM stat logger that only accumulates; ``snapshot()`` is read by the deployment."""
 
@@ -71,6 +54,8 @@ class EngineStatsCollector(StatLoggerBase):
         self.arrivals_at_finish = True
         # request id -> callback(num_cached_tokens), for router prediction metrics
         self._expected: dict[str, Callable[[int], None]] = {}
+        # app.metrics.ray_metrics.EngineMetrics, set by the replica: Prometheus per phase
+        self.metrics: Any = None
 
     def expect_finish(self, request_id: str, callback: Callable[[int], None]) -> None:
         """Call ``callback(num_cached_tokens)`` when a request carrying this id finishes."""
@@ -80,12 +65,16 @@ class EngineStatsCollector(StatLoggerBase):
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
         c = self.counters
+        transfers: TransferTotals | None = None
         if scheduler_stats is not None:
             c.kv_cache_usage = scheduler_stats.kv_cache_usage
             c.num_running_reqs = scheduler_stats.num_running_reqs
             c.num_waiting_reqs = scheduler_stats.num_waiting_reqs
             if scheduler_stats.kv_connector_stats:
-                _sum_connector_stats(scheduler_stats.kv_connector_stats, c)
+                transfers = fold_transfer_stats(scheduler_stats.kv_connector_stats)
+                c.kv_transfers += transfers.transfers
+                c.kv_bytes_transferred += transfers.bytes
+                c.kv_failed_transfers += transfers.failures
             prefix = scheduler_stats.prefix_cache_stats
             if prefix is not None:
                 c.prefix_cache_queries += prefix.queries
@@ -109,6 +98,8 @@ class EngineStatsCollector(StatLoggerBase):
             if self._expected:
                 for finished in iteration_stats.finished_requests:
                     self._on_finished(finished)
+        if self.metrics is not None:
+            self.metrics.record(scheduler_stats, iteration_stats, transfers)  # never raises
         if self.listener is not None:
             _guarded(self.listener)
 

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from app.api_keys import APIKeys
 from app.config import AppConfig
+from app.metrics.math import NO_ROUTE
+from app.metrics.observer import NULL_OBSERVER
 from app.migration import Migrator, PeerStream
 from app.openai_errors import error_response, validation_message
 from app.orchestrator import EngineClient, PDOrchestrator
@@ -51,13 +55,21 @@ class OpenAIFront:
 
         self.cfg = cfg
         self._request_models = {"completion": CompletionRequest, "chat": ChatCompletionRequest}
+        self._metrics = None
+        if cfg.metrics.enabled:
+            from app.metrics.ray_metrics import FrontMetrics
+
+            self._metrics = FrontMetrics("aggregated" if cfg.mode == "aggregated" else "decode")
+        observer = self._metrics or NULL_OBSERVER
         self.orchestrator = PDOrchestrator(
             mode=cfg.mode,
             decode=decode,
             prefill=prefill,
             prefill_timeout_s=cfg.routing.prefill_timeout_s,
             migrator=Migrator(peer, self._to_request, cfg.model.served_model_name,
-                              cfg.server.max_migrations) if peer is not None else None,
+                              cfg.server.max_migrations, observer=observer)
+            if peer is not None else None,
+            observer=observer,
         )
         self._models_body: dict[str, Any] | None = None
         self._tracker = tracker
@@ -109,9 +121,27 @@ class OpenAIFront:
         return JSONResponse({"status": "ok"})
 
     async def _serve(self, kind: str, http_request: Request) -> Response:
+        start = time.perf_counter()
+        response, stream = await self._serve_timed(kind, http_request, start)
+        metrics = self._metrics
+        if metrics is not None and not isinstance(response, StreamingResponse):
+            route = response.headers.get(ROUTE_HEADER) or NO_ROUTE
+            record = BackgroundTask(metrics.answered_async, start, response.status_code,
+                                    route, stream, time.perf_counter())
+            if response.background is None:  # recorded after the response is sent
+                response.background = record
+            else:
+                await record()
+        return response
+
+    async def _serve_timed(self, kind: str, http_request: Request, start: float
+                           ) -> tuple[Response, bool]:
+        """The response, and whether the client asked for a stream (for the metrics; a
+        streamed response records its own when it ends)."""
         parsed = await self._parse(kind, http_request)
         if isinstance(parsed, Response):
-            return parsed
+            return parsed, False
+        stream = bool(getattr(parsed, "stream", False))
         hint = read_route_hint(http_request.headers) if self._tracker else RouteHint()
         tracked = self._tracker.begin(parsed, hint) if self._tracker else None
         try:
@@ -124,14 +154,16 @@ class OpenAIFront:
                 f"engines unavailable ({type(exc).__name__}); retry shortly",
                 "ServiceUnavailable",
                 503,
-            )
+            ), stream
         headers = {ROUTE_HEADER: reply.route.value}
         if reply.chunks is None:
             if tracked is not None:
                 tracked.end()
-            return JSONResponse(reply.head.body, reply.head.status, headers=headers)
+            return JSONResponse(reply.head.body, reply.head.status, headers=headers), stream
         chunks = tracked.wrap(reply.chunks) if tracked is not None else reply.chunks
-        return StreamingResponse(chunks, media_type="text/event-stream", headers=headers)
+        if self._metrics is not None:
+            chunks = self._metrics.stream(chunks, start, reply.route.value)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers=headers), True
 
     async def _parse(self, kind: str, http_request: Request) -> Any:
         """A validated vLLM request model, or the 400 response explaining why not."""

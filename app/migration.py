@@ -31,6 +31,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from app.metrics.observer import NULL_OBSERVER, FlowObserver
+
 log = logging.getLogger("ray.serve")
 
 ERROR_PREFIX = 'data: {"error"'
@@ -228,7 +230,9 @@ class Migrator:
 
     def __init__(self, peer: PeerStream, to_request: Callable[[str, dict], Any],
                  model: str, max_migrations: int = 2, retry_delay_s: float = 0.5,
-                 max_attempts: int = 12):
+                 max_attempts: int = 12, observer: FlowObserver = NULL_OBSERVER):
+        """``observer``: told each migration's outcome (``app.metrics``)."""
+        self.observer = observer
         self.peer, self.to_request, self.model = peer, to_request, model
         self.max_migrations, self.retry_delay_s = max_migrations, retry_delay_s
         self.max_attempts = max_attempts
@@ -249,11 +253,13 @@ class Migrator:
                 await asyncio.sleep(self.retry_delay_s * min(attempt + 1, 4))
                 continue
             self.migrations += 1
+            self.observer.migration("rerun")
             log.warning("engine lost before any output: request re-run on a peer")
             if getattr(head, "kind", None) == "stream":
                 return head, _rest(stream)
             await _close(stream)
             return head, None
+        self.observer.migration("failed")
         raise RuntimeError(f"no peer replica could take the request ({last!r})")
 
     async def guard(self, kind: str, request: Any, chunks: AsyncIterator[str]
@@ -273,6 +279,7 @@ class Migrator:
         body = request.model_dump(exclude_unset=False)
         why = migratable(kind, body)
         if why is not None:
+            self.observer.migration("refused")
             log.warning("engine lost mid-stream; request not migrated (%s)", why)
             yield error_event(f"the engine serving this request failed; {why} cannot "
                               f"continue elsewhere: retry the request")
@@ -333,6 +340,7 @@ class Migrator:
                         yield event
                 yield DONE
                 self.migrations += 1
+                self.observer.migration("continued")
                 log.warning("stream migrated to a peer after %d tokens", len(lost.generated_ids))
                 return
             except Exception as exc:  # noqa: BLE001 - the peer died too, or was this replica
@@ -343,6 +351,7 @@ class Migrator:
                 await asyncio.sleep(self.retry_delay_s * min(attempts, 4))
             finally:
                 await _close(stream)
+        self.observer.migration("failed")
         yield error_event("the engine serving this request failed and no other replica "
                           "could continue it; retry the request")
         yield DONE

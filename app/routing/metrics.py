@@ -12,6 +12,13 @@ from typing import Any
 LATENCY_BOUNDARIES_MS = [0.1, 0.25, 0.5, 1, 2, 5, 10, 25, 50, 100]
 TOKEN_ERROR_BOUNDARIES = [1, 16, 64, 256, 1024, 4096, 16384]  # Ray: all > 0
 
+# Every name defined below (app.metrics.definitions lists them with the app's other metrics).
+METRIC_NAMES = (
+    "pd_router_decisions_total", "pd_router_latency_ms", "pd_router_predicted_cached_tokens_total",
+    "pd_router_prompt_tokens_total", "pd_prefix_cache_predicted_tokens_total",
+    "pd_prefix_cache_actual_tokens_total", "pd_prefix_cache_prediction_error_tokens",
+)
+
 
 @functools.cache
 def router_metrics():

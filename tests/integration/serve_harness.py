@@ -48,9 +48,12 @@ def app_config(mode: str, **overrides: Any) -> dict[str, Any]:
 _saved_env: dict[str, str | None] = {}
 
 
-def start_serve(num_cpus: int = 4, env: dict[str, str] | None = None) -> int:
+def start_serve(num_cpus: int = 4, env: dict[str, str] | None = None,
+                metrics_export_port: int | None = None) -> int:
     """A fresh local Ray cluster and Serve on a free loopback port; returns the port.
-    ``env``: extra Ray settings for this cluster (its processes inherit them)."""
+    ``env``: extra Ray settings for this cluster (its processes inherit them).
+    ``metrics_export_port``: where Ray's metrics agent serves Prometheus text (``/metrics``);
+    None = Ray's choice."""
     import ray
     from ray import serve
 
@@ -69,6 +72,7 @@ def start_serve(num_cpus: int = 4, env: dict[str, str] | None = None) -> int:
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
+        **({"_metrics_export_port": metrics_export_port} if metrics_export_port else {}),
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
