@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ReplicaActor:
-    replica_id: str  # "<app>#<deployment>#<suffix>", as serve's ReplicaID.to_full_id_str()
+    replica_id: str  # the actor name: serve's ReplicaID.to_full_id_str()
     node_id: str
     pid: int
 
@@ -17,7 +17,7 @@ def alive_replicas(app: str, deployment: str) -> list[ReplicaActor]:
     from ray._private.state import actors
 
     cls = f"ServeReplica:{app}:{deployment}"
-    return [ReplicaActor(a["Name"].removeprefix("SERVE_REPLICA::"), a["Address"]["NodeID"],
+    return [ReplicaActor(a["Name"], a["Address"]["NodeID"],
                          int(a["Pid"]))
             for a in actors().values()
             if a["ActorClassName"] == cls and a["State"] == "ALIVE"]
