@@ -133,7 +133,11 @@ def scraped(cluster, traffic):
                         phase="decode") >= n
               and total(s, "ray_pd_fallbacks_total", application=FB) == N_FALLBACK
               and total(s, "ray_vllm_time_to_first_token_seconds_count", application=APP,
-                        phase="decode") >= n)
+                        phase="decode") >= n
+              # the router is another process, flushed on its own schedule
+              and total(s, "ray_pd_router_decisions_total", application=APP) >= n
+              and total(s, "ray_pd_router_predicted_cached_tokens_total",
+                        application=APP) > 0)
         return s if ok else None
 
     deadline = time.monotonic() + 120
