@@ -112,6 +112,18 @@ class ServerConfig(_Strict):
         "configured, /v1/* require 'Authorization: Bearer <key>'; /health stays open.")
 
 
+class HandoffConfig(_Strict):
+    """The P/D handoff's fast path and its debug timeline (app/handoff/)."""
+
+    first_token_from_prefill: bool = Field(
+        True, description="Stream the prefill engine's token 1 to the client at once and have "
+        "decode continue after it, so the KV handoff is not in the time to first token "
+        "(app/handoff/first_token.py says which requests qualify).")
+    timeline: bool = Field(
+        False, description="Log one `pd_timeline` JSON line per disaggregated request with "
+        "the time of each handoff stage (debugging, bench/handoff.py).")
+
+
 class MetricsConfig(_Strict):
     """Prometheus metrics through Ray's metrics agent (docs/OBSERVABILITY.md)."""
 
@@ -193,6 +205,7 @@ class AppConfig(_Strict):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    handoff: HandoffConfig = Field(default_factory=HandoffConfig)
     autoscaling: AutoscalingSettings = Field(
         default_factory=AutoscalingSettings,
         description="Per-phase SLO autoscaling (autoscaling/); off = fixed num_replicas.")
@@ -221,6 +234,20 @@ class AppConfig(_Strict):
                     f"{name}.num_replicas ({phase.num_replicas}) is the starting size and "
                     f"must lie within autoscaling.{name} [{b.min_replicas}, "
                     f"{b.max_replicas}]")
+        return self
+
+    @model_validator(mode="after")
+    def _same_kv_layout(self) -> AppConfig:
+        """NIXL copies KV blocks as raw bytes: both phases must store them alike."""
+        if self.mode == "aggregated":
+            return self
+        for key in ("kv_cache_dtype", "block_size"):
+            p = {**self.engine_args, **self.prefill.engine_args}.get(key)
+            d = {**self.engine_args, **self.decode.engine_args}.get(key)
+            if p != d:
+                raise ValueError(f"prefill and decode must use the same '{key}' (KV blocks "
+                                 f"move between them byte for byte): {p!r} vs {d!r}; set it "
+                                 "in the shared engine_args")
         return self
 
     def phases(self) -> list[tuple[str, PhaseConfig]]:

@@ -75,7 +75,8 @@ class EngineServer:
         phase_name = phase_label(self.role)
         loggers = [phase_stat_logger(phase_name, tuple(sorted(serve_tags().items())))
                    ] if cfg.metrics.engine_metrics else []
-        self.host = EngineHost(engine_kwargs, cfg.model.served_model_name, loggers)
+        self.host = EngineHost(engine_kwargs, cfg.model.served_model_name, loggers,
+                               record_stamps=cfg.handoff.timeline)
         await self.host.start()
         if cfg.metrics.enabled:
             self.host.stats_collector.metrics = EngineMetrics(phase_name)
@@ -205,10 +206,13 @@ class EngineServer:
     async def stats(self) -> dict[str, Any]:
         """Engine counters plus where its processes may run (for checks and debugging)."""
         pids = engine_pids()
-        migrator = getattr(getattr(self, "orchestrator", None), "migrator", None)
+        orchestrator = getattr(self, "orchestrator", None)
+        migrator = getattr(orchestrator, "migrator", None)
+        sources = getattr(orchestrator, "token_one_sources", {})
         return {**self.host.stats(), "role": self.role, "replica": _replica_id(),
                 "affinity": describe_affinity(pids), "engine_dead": self.host.engine_dead(),
-                "migrations": migrator.migrations if migrator is not None else 0}
+                "migrations": migrator.migrations if migrator is not None else 0,
+                **{f"token_one_{k}": v for k, v in sources.items()}}
 
     async def check_health(self) -> None:
         await self.host.check_health()
@@ -264,7 +268,16 @@ class EngineFront(EngineServer, OpenAIFront):
             HandleEngineClient(prefill) if prefill is not None else None,
             self.tracker,
             self._peer_stream if self.cfg.server.max_migrations > 0 else None,
+            block_size=self.host.block_size,
+            decode_probe=self._decode_probe,
         )
+
+    def _decode_probe(self, request_key: str) -> tuple[dict[str, float], int, float | None]:
+        """This engine's marks of a request and its latest NIXL read (the handoff timeline;
+        the read is this request's at concurrency 1)."""
+        last = self.host.stats_collector.last_transfer
+        seconds = sum(last.durations_s) if last is not None and last.durations_s else None
+        return (self.host.engine_stamps(request_key), last.bytes if last else 0, seconds)
 
     def _peer_stream(self, kind: str, request: Any) -> AsyncIterator[Head | str]:
         """The request on another replica of this deployment (a migration)."""

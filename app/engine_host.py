@@ -21,7 +21,8 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 from app.engine_protocol import KIND_ERROR, KIND_JSON, Head, stream_after_head
 from app.engine_stats import EngineStatsCollector
-from app.migration import ERROR_PREFIX, EngineLost, TokenLedger
+from app.handoff.timeline import EngineStampBook
+from app.migration import ERROR_PREFIX, EngineLost, TokenLedger, engine_ids
 from app.openai_errors import error_body
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,12 @@ class EngineHost:
     """Owns an AsyncLLM and the vLLM OpenAI serving objects built over it."""
 
     def __init__(self, engine_kwargs: dict[str, Any], served_model_name: str,
-                 extra_stat_loggers: list[Any] | None = None):
+                 extra_stat_loggers: list[Any] | None = None, record_stamps: bool = False):
         """``extra_stat_loggers``: vLLM stat-logger factories run beside our collector, e.g.
-        ``app.metrics.vllm_logger.phase_stat_logger(phase)`` (vLLM's metrics through Ray)."""
+        ``app.metrics.vllm_logger.phase_stat_logger(phase)`` (vLLM's metrics through Ray).
+        ``record_stamps``: keep each request's engine-core timestamps (the handoff timeline;
+        a prefill leg's answer then carries them as ``pd_engine_stamps``)."""
+        self.stamps = EngineStampBook() if record_stamps else None
         self.extra_stat_loggers = list(extra_stat_loggers or [])
         self.engine_kwargs = dict(engine_kwargs)
         self.served_model_name = served_model_name
@@ -72,6 +76,8 @@ class EngineHost:
         # vLLM's serving layer calls engine.generate: the ledger sees every output on its way.
         self.engine.generate = self.ledger.wrap(
             self.engine.generate, lambda p: p.output_kind == RequestOutputKind.DELTA)
+        if self.stamps is not None:
+            self.engine.generate = self.stamps.wrap(self.engine.generate)
         args = argparse.Namespace(**(vars(FrontendArgs()) | vars(engine_args)))
         state = State()
         tasks = await self.engine.get_supported_tasks()
@@ -85,6 +91,14 @@ class EngineHost:
 
     async def models(self) -> dict[str, Any]:
         return (await self._models.show_available_models()).model_dump()
+
+    @property
+    def block_size(self) -> int:
+        return int(self.engine.vllm_config.cache_config.block_size)
+
+    def engine_stamps(self, request_key: str) -> dict[str, float]:
+        """Engine-core marks of the request whose client-level id is ``request_key``."""
+        return self.stamps.lookup(engine_ids(request_key)) if self.stamps else {}
 
     @property
     def stats_collector(self) -> EngineStatsCollector:
@@ -114,7 +128,10 @@ class EngineHost:
             yield Head(KIND_ERROR, result.error.code, result.model_dump())
             return
         if not hasattr(result, "__aiter__"):  # a whole CompletionResponse/ChatCompletionResponse
-            yield Head(KIND_JSON, 200, result.model_dump())
+            body = result.model_dump()
+            if self.stamps is not None and body.get("kv_transfer_params"):  # a prefill leg
+                body["pd_engine_stamps"] = self.engine_stamps(key)
+            yield Head(KIND_JSON, 200, body)
             return
         release = functools.partial(self._release_remote_prefill, request)
         chunks = self._watch(result, key)

@@ -56,6 +56,8 @@ class EngineStatsCollector(StatLoggerBase):
         self._expected: dict[str, Callable[[int], None]] = {}
         # app.metrics.ray_metrics.EngineMetrics, set by the replica: Prometheus per phase
         self.metrics: Any = None
+        # The latest step's NIXL transfers (the handoff timeline: exact at concurrency 1)
+        self.last_transfer: TransferTotals | None = None
 
     def expect_finish(self, request_id: str, callback: Callable[[int], None]) -> None:
         """Call ``callback(num_cached_tokens)`` when a request carrying this id finishes."""
@@ -75,6 +77,8 @@ class EngineStatsCollector(StatLoggerBase):
                 c.kv_transfers += transfers.transfers
                 c.kv_bytes_transferred += transfers.bytes
                 c.kv_failed_transfers += transfers.failures
+                if transfers.transfers:
+                    self.last_transfer = transfers
             prefix = scheduler_stats.prefix_cache_stats
             if prefix is not None:
                 c.prefix_cache_queries += prefix.queries

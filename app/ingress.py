@@ -25,7 +25,7 @@ from app.metrics.math import NO_ROUTE
 from app.metrics.observer import NULL_OBSERVER
 from app.migration import Migrator, PeerStream
 from app.openai_errors import error_response, validation_message
-from app.orchestrator import EngineClient, PDOrchestrator
+from app.orchestrator import DecodeProbe, EngineClient, FirstTokenPath, PDOrchestrator
 from app.request_limits import RequestRejected, parse_json_object, read_limited
 from app.routing.hints import RouteHint, read_route_hint
 from app.routing.publisher import RequestTracker
@@ -46,10 +46,13 @@ class OpenAIFront:
     def _init_front(self, cfg: AppConfig, decode: EngineClient,
                     prefill: EngineClient | None = None,
                     tracker: RequestTracker | None = None,
-                    peer: PeerStream | None = None) -> None:
+                    peer: PeerStream | None = None, block_size: int = 0,
+                    decode_probe: DecodeProbe | None = None) -> None:
         """``tracker``: told when requests start, finish prefill and end (the KV router's
         load reports); router headers are honoured only when one is given. ``peer``: runs a
-        request on another replica, for migrations when this one's engine dies."""
+        request on another replica, for migrations when this one's engine dies.
+        ``block_size``: the decode engine's KV block size (the first-token fast path);
+        ``decode_probe``: what the decode engine saw of a request (``handoff.timeline``)."""
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
@@ -61,15 +64,21 @@ class OpenAIFront:
 
             self._metrics = FrontMetrics("aggregated" if cfg.mode == "aggregated" else "decode")
         observer = self._metrics or NULL_OBSERVER
+        served = cfg.model.served_model_name
+        first_token = None
+        if cfg.handoff.first_token_from_prefill and prefill is not None:
+            first_token = FirstTokenPath(self._to_request, served, block_size)
         self.orchestrator = PDOrchestrator(
             mode=cfg.mode,
             decode=decode,
             prefill=prefill,
             prefill_timeout_s=cfg.routing.prefill_timeout_s,
-            migrator=Migrator(peer, self._to_request, cfg.model.served_model_name,
+            migrator=Migrator(peer, self._to_request, served,
                               cfg.server.max_migrations, observer=observer)
             if peer is not None else None,
             observer=observer,
+            first_token=first_token,
+            timeline=decode_probe if cfg.handoff.timeline else None,
         )
         self._models_body: dict[str, Any] | None = None
         self._tracker = tracker

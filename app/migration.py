@@ -105,7 +105,7 @@ class TokenLedger:
         """(prompt ids, generated ids) of the request whose client-level id is
         ``request_key`` (vLLM's engine id for it: ``cmpl-<id>-0`` or ``chatcmpl-<id>``),
         removing it."""
-        for rid in (f"cmpl-{request_key}-0", f"chatcmpl-{request_key}", request_key):
+        for rid in engine_ids(request_key):
             entry = self._live.pop(rid, None)
             if entry is not None:
                 return list(entry[0] or []), list(entry[1])
@@ -113,6 +113,12 @@ class TokenLedger:
 
     def __len__(self) -> int:
         return len(self._live)
+
+
+def engine_ids(request_key: str) -> tuple[str, ...]:
+    """vLLM's engine request id for a request whose ``request_id`` field is ``request_key``:
+    ``cmpl-<id>-0`` (completion), ``chatcmpl-<id>`` (chat), or the key itself."""
+    return (f"cmpl-{request_key}-0", f"chatcmpl-{request_key}", request_key)
 
 
 def migratable(kind: str, body: dict[str, Any]) -> str | None:
@@ -172,9 +178,9 @@ class ContinuationFormatter:
         if not choices:  # the final usage chunk
             if not self.include_usage or not data.get("usage"):
                 return None, new_ids
-            out = self._envelope([])
+            out = self.envelope([])
             out["usage"] = self.usage(data["usage"])
-            return _sse(out), new_ids
+            return sse_event(out), new_ids
         converted = []
         for c in choices:
             if self.kind == "chat":
@@ -188,23 +194,23 @@ class ContinuationFormatter:
             if self.token_ids:
                 item["token_ids"] = c.get("token_ids") or []
             converted.append(item)
-        out = self._envelope(converted)
+        out = self.envelope(converted)
         if data.get("usage") and self.include_usage:  # continuous_usage_stats
             out["usage"] = self.usage(data["usage"])
-        return _sse(out), new_ids
+        return sse_event(out), new_ids
 
-    def _envelope(self, choices: list) -> dict[str, Any]:
+    def envelope(self, choices: list) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices}
 
 
-def _sse(obj: dict[str, Any]) -> str:
+def sse_event(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 def error_event(message: str) -> str:
-    return _sse({"error": {"message": message, "type": "ServiceUnavailable", "param": None,
+    return sse_event({"error": {"message": message, "type": "ServiceUnavailable", "param": None,
                            "code": 503}})
 
 
@@ -311,9 +317,9 @@ class Migrator:
         if kind == "chat" and original is None:  # nothing sent: the role chunk first
             role = ContinuationFormatter(kind, None, self.model, 0, 0, False)
             original = {"id": role.id, "created": role.created, "model": role.model}
-            yield _sse({**role._envelope([{"index": 0, "delta": {"role": "assistant",
-                                                                  "content": ""},
-                                           "logprobs": None, "finish_reason": None}])})
+            yield sse_event(role.envelope([{"index": 0,
+                                            "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]))
         while migrations < self.max_migrations and attempts < self.max_attempts:
             attempts += 1
             cont = continuation_body(kind, body, prompt, generated, self.model)

@@ -9,16 +9,26 @@ error and is returned as is; closing the decode stream cancels the request on th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.engine_protocol import KIND_ERROR, KIND_JSON, KIND_STREAM, Head
+from app.handoff.first_token import (
+    PrefillToken,
+    decode_continuation,
+    first_chunks,
+    formatter,
+    ineligible,
+)
+from app.handoff.timeline import HandoffTimeline
 from app.metrics.math import FALLBACK_OUTCOMES, prefill_outcome
 from app.metrics.observer import NULL_OBSERVER, FlowObserver
-from app.migration import EngineLost, Migrator
+from app.migration import DONE, EngineLost, Migrator, parse_event
 from app.pd_decision import RequestShape, Route, decide_route, fallback_on_prefill_status
 from app.pd_requests import client_request, decode_request, prefill_request
 from app.routing.hints import RouteHint
@@ -34,6 +44,20 @@ class EngineClient(Protocol):
     async def models(self) -> dict[str, Any]: ...
 
     async def check_health(self) -> None: ...
+
+
+# The decode engine's view of a request, for the timeline: (engine-core marks, KV bytes and
+# seconds of the latest NIXL read), by the request's ``request_id``.
+DecodeProbe = Callable[[str], tuple[dict[str, float], int, float | None]]
+
+
+@dataclass(frozen=True)
+class FirstTokenPath:
+    """What the first-token fast path needs (``handoff.first_token_from_prefill``)."""
+
+    to_request: Callable[[str, dict[str, Any]], Any]  # body -> the engine's request model
+    model: str
+    block_size: int
 
 
 @dataclass
@@ -52,7 +76,14 @@ class PDOrchestrator:
         prefill_timeout_s: float = 60.0,
         migrator: Migrator | None = None,
         observer: FlowObserver = NULL_OBSERVER,
+        first_token: FirstTokenPath | None = None,
+        timeline: DecodeProbe | None = None,
     ):
+        """``first_token``: stream prefill's token 1 at once (app.handoff.first_token);
+        ``timeline``: log each disaggregated request's handoff stages (app.handoff.timeline)."""
+        self.first_token = first_token
+        self.timeline = timeline
+        self.token_one_sources = {"prefill": 0, "decode": 0}  # disaggregated streams, stats
         self.migrator = migrator
         self.observer = observer
         self.mode = mode
@@ -70,9 +101,13 @@ class PDOrchestrator:
         )
         plan = hint.plan.value if hint.plan is not None else None
         route = decide_route(self.mode, shape, self.prefill is not None, plan)
+        timeline = None
         if route is Route.FALLBACK:  # meant to disaggregate, but no prefill deployment
             self.observer.fallback("no_prefill")
         elif route is Route.DISAGGREGATED:
+            timeline = HandoffTimeline() if self.timeline is not None else None
+            if timeline is not None:
+                timeline.mark("received")
             start = time.perf_counter()
             outcome, label = await self._run_prefill(kind, request, hint)
             self.observer.prefill_leg(label, time.perf_counter() - start)
@@ -81,15 +116,32 @@ class PDOrchestrator:
             if isinstance(outcome, Head):  # the client's own error, found by prefill
                 return Reply(route, outcome)
             if outcome is None:
-                route = Route.FALLBACK
+                route, timeline = Route.FALLBACK, None
             else:
-                request = decode_request(request, outcome)
-        return await self._run_decode(route, kind, request)
+                if timeline is not None:
+                    timeline.mark("prefill_returned")
+                    timeline.engine("prefill", outcome.get("pd_engine_stamps"))
+                params = outcome["kv_transfer_params"]
+                if self.first_token is not None:
+                    reply = await self._first_token_reply(kind, request, outcome, params,
+                                                          timeline)
+                    if reply is not None:
+                        self._token_one("prefill")
+                        return reply
+                if getattr(request, "stream", False):
+                    self._token_one("decode")
+                request = decode_request(request, params)
+        return await self._run_decode(route, kind, request, timeline)
+
+    def _token_one(self, source: str) -> None:
+        self.token_one_sources[source] += 1
+        self.observer.token_one(source)
 
     async def _run_prefill(self, kind: str, request: Any, hint: RouteHint
                            ) -> tuple[dict[str, Any] | Head | None, str]:
-        """KV params for decode; a Head to return to the client; or None to fall back; with
-        the outcome's label (``app.metrics.math.prefill_outcome``)."""
+        """Prefill's answer (with ``kv_transfer_params`` for decode); a Head to return to the
+        client; or None to fall back; with the outcome's label
+        (``app.metrics.math.prefill_outcome``)."""
         routing = {}
         if hint.prefill_replica:
             routing = {"prefill_replica": hint.prefill_replica,
@@ -119,9 +171,76 @@ class PDOrchestrator:
         if not params:
             log.warning("prefill returned no kv_transfer_params; decoding with local prefill")
             return None, prefill_outcome(has_params=False)
-        return params, prefill_outcome()
+        return head.body, prefill_outcome()
 
-    async def _run_decode(self, route: Route, kind: str, request: Any) -> Reply:
+    async def _first_token_reply(self, kind: str, request: Any, answer: dict[str, Any],
+                                 params: dict[str, Any], timeline: HandoffTimeline | None
+                                 ) -> Reply | None:
+        """Token 1 from prefill now, decode's continuation after it; None: take the usual
+        path (the request or prefill's answer does not qualify, or decode refused)."""
+        path = self.first_token
+        body = request.model_dump()
+        first = PrefillToken.parse(kind, answer)
+        why = ineligible(kind, body) or ("prefill returned no token ids" if first is None
+                                         else first.continues(path.block_size))
+        if why is not None:
+            log.debug("token 1 from decode: %s", why)
+            return None
+        cont = path.to_request("completion", decode_continuation(kind, body, first,
+                                                                 path.model, params))
+        stream = self.decode.stream("completion", cont)
+        try:
+            head = await anext(stream)  # before any engine work: validation only
+        except Exception as exc:  # noqa: BLE001 - the usual path handles a lost engine
+            await stream.aclose()
+            log.warning("decode continuation failed to start (%s); token 1 from decode", exc)
+            return None
+        if head.kind != KIND_STREAM:
+            await stream.aclose()
+            log.warning("decode refused the continuation (%s); token 1 from decode",
+                        head.status)
+            return None
+        chunks = stream
+        if self.migrator is not None:
+            chunks = self.migrator.guard("completion", cont, stream)
+        events = first_chunks(kind, body, first, fmt := formatter(kind, body, first,
+                                                                  path.model))
+        return Reply(Route.DISAGGREGATED, head,
+                     self._after_token_one(events, chunks, fmt, cont, timeline))
+
+    async def _after_token_one(self, events: list[str], chunks: AsyncIterator[str], fmt: Any,
+                               cont: Any, timeline: HandoffTimeline | None
+                               ) -> AsyncIterator[str]:
+        """Token 1's events, then decode's continuation rewritten into the client's stream."""
+        async with contextlib.aclosing(chunks):
+            for event in events:
+                yield event
+            if timeline is not None:
+                timeline.mark("first_chunk")
+            async for chunk in chunks:
+                data = parse_event(chunk)
+                if data is None:
+                    continue  # [DONE]: ours comes last
+                if "error" in data:
+                    yield chunk
+                    continue
+                event, _ = fmt.convert(data)
+                if timeline is not None:
+                    self._emit_timeline(timeline, getattr(cont, "request_id", ""))
+                    timeline = None
+                if event is not None:
+                    yield event
+        yield DONE
+
+    def _emit_timeline(self, timeline: HandoffTimeline, request_key: str) -> None:
+        timeline.mark("decode_first_chunk")
+        stamps, kv_bytes, kv_read_s = self.timeline(request_key)
+        timeline.engine("decode", stamps)
+        timeline.kv_bytes, timeline.kv_read_s = kv_bytes, kv_read_s
+        log.info("pd_timeline %s", json.dumps(timeline.record(), separators=(",", ":")))
+
+    async def _run_decode(self, route: Route, kind: str, request: Any,
+                          timeline: HandoffTimeline | None = None) -> Reply:
         """The decode leg; if this engine dies under it, the migrator moves it to a peer."""
         stream = self.decode.stream(kind, request)
         try:
@@ -138,6 +257,19 @@ class PDOrchestrator:
         if head.kind != KIND_STREAM:
             await stream.aclose()
             return Reply(route, head)
+        chunks = stream
         if self.migrator is not None:
-            return Reply(route, head, self.migrator.guard(kind, request, stream))
-        return Reply(route, head, stream)
+            chunks = self.migrator.guard(kind, request, stream)
+        if timeline is not None:
+            chunks = self._timed(chunks, timeline, getattr(request, "request_id", ""))
+        return Reply(route, head, chunks)
+
+    async def _timed(self, chunks: AsyncIterator[str], timeline: HandoffTimeline,
+                     request_key: str) -> AsyncIterator[str]:
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                if timeline is not None:
+                    timeline.mark("first_chunk")
+                    self._emit_timeline(timeline, request_key)
+                    timeline = None
+                yield chunk

@@ -28,13 +28,15 @@ def client_request(request: Any) -> Any:
 
 
 def prefill_request(kind: str, request: Any) -> Any:
-    """One generated token, no streaming, nothing echoed: only the prompt's KV matters."""
+    """One generated token, no streaming, nothing echoed: the prompt's KV, plus token 1 and
+    the prompt's token ids for the first-token fast path (app.handoff.first_token)."""
     update: dict[str, Any] = {
         "max_tokens": 1,
-        "min_tokens": 0,
+        "min_tokens": min(getattr(request, "min_tokens", 0) or 0, 1),  # token 1 may be sent
         "stream": False,
         "stream_options": None,
         "n": 1,
+        "return_token_ids": True,
         "kv_transfer_params": dict(PREFILL_KV_PARAMS),
     }
     if kind == "chat":

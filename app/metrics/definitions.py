@@ -69,6 +69,10 @@ FRONT = {
     "migrations": _c("pd_migrations_total", "Requests moved to a peer replica after this "
                      "replica's engine died: rerun (nothing sent yet), continued (mid-stream), "
                      "failed (no peer could take it).", "outcome"),
+    "token_one": _c("pd_token_one_total", "Disaggregated streams by which engine's token 1 "
+                    "the client got first: prefill (streamed at once, decode continued after "
+                    "it) or decode (the usual path; app/handoff/first_token.py says why).",
+                    "source"),
 }
 
 # Recorded by every engine replica from vLLM's per-step stats (app.engine_stats).

@@ -19,6 +19,9 @@ class FlowObserver(Protocol):
     def migration(self, outcome: str) -> None:
         """A migration: ``rerun``, ``continued`` or ``failed``."""
 
+    def token_one(self, source: str) -> None:
+        """A disaggregated stream's token 1 came from ``prefill`` or ``decode``."""
+
 
 class NullObserver:
     def prefill_leg(self, outcome: str, seconds: float) -> None:
@@ -28,6 +31,9 @@ class NullObserver:
         pass
 
     def migration(self, outcome: str) -> None:
+        pass
+
+    def token_one(self, source: str) -> None:
         pass
 
 

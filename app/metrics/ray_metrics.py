@@ -102,6 +102,9 @@ class FrontMetrics:
     def migration(self, outcome: str) -> None:
         _soon(self._inc, "migrations", "outcome", outcome)
 
+    def token_one(self, source: str) -> None:
+        _soon(self._inc, "token_one", "source", source)
+
     def _prefill_leg(self, outcome: str, seconds: float) -> None:
         try:
             self.m["prefill_leg"].observe(seconds, tags={"phase": "prefill",

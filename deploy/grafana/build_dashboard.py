@@ -124,6 +124,10 @@ def panels() -> list[dict]:
         panel("Fallback and migration rate", [
             q(f"sum(rate(ray_pd_fallbacks_total{{{APP}}}[{RI}]))", "fallbacks/s"),
             q(f"sum(rate(ray_pd_migrations_total{{{APP}}}[{RI}]))", "migrations/s")], "ops"),
+        panel("Token 1 of disaggregated streams, by engine", [
+            q(f"sum by (source) (rate(ray_pd_token_one_total{{{APP}}}[{RI}]))",
+              "{{source}}")], "ops", "prefill: streamed at once, the KV handoff overlaps the "
+              "client reading it; decode: the usual path (see app/handoff/first_token.py)."),
         row("Prefix cache: router predicted vs engine actual"),
         panel("Cached prompt tokens/s: predicted vs actual (routed requests)", [
             q(f"sum by (phase) (rate(ray_pd_prefix_cache_predicted_tokens_total{{{APP}}}"

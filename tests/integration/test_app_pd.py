@@ -128,6 +128,51 @@ def test_chat_matches_aggregated_streaming_and_not(urls):
     assert streamed == pd_text
 
 
+def _ids_of(url: str, text: str) -> list[int]:
+    r = _completion(url, prompt=text, max_tokens=1, return_token_ids=True)
+    return r.json()["choices"][0]["prompt_token_ids"]
+
+
+def _agreed_until_near_tie(url: str, prompt: list[int], tokens: list[int], n: int) -> int:
+    """Positions where ``tokens`` equal the aggregated greedy run, compared teacher-forced up
+    to the first near-tie of its top-2 logprobs (bf16: a tie flips with any rounding)."""
+    r = _completion(url, prompt=prompt, max_tokens=n, ignore_eos=True, logprobs=2,
+                    return_token_ids=True)
+    choice = r.json()["choices"][0]
+    for i, (ref, top) in enumerate(zip(choice["token_ids"], choice["logprobs"]["top_logprobs"],
+                                       strict=True)):
+        best = sorted(top.values(), reverse=True)
+        if len(best) > 1 and best[0] - best[1] < 1e-2:
+            return i  # a near-tie: later tokens may differ without a bug
+        assert tokens[i] == ref, f"token {i}: {tokens[i]} vs aggregated {ref}"
+    return n
+
+
+@pytest.mark.parametrize("extra", [5, 0], ids=["token-one-from-prefill", "block-aligned"])
+def test_stream_token_one_from_prefill_unless_the_prompt_fills_its_last_block(urls, extra):
+    """A streamed request gets prefill's token 1 at once and decode continues after it
+    (handoff.first_token_from_prefill); a prompt ending on a block boundary takes the usual
+    path (one more token would need a block prefill does not hold)."""
+    prompt = _ids_of(urls["agg"], make_prompt(11, 200))[: 3 * BLOCK_SIZE + extra]
+    before = engine_stats("pd", "DecodeServer")
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 20, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}}
+    headers, events = _stream_events(urls["pd"], "/v1/completions", body)
+    assert headers["x-pd-route"] == "disaggregated"
+    after = engine_stats("pd", "DecodeServer")
+    source = "prefill" if extra else "decode"
+    other = "decode" if extra else "prefill"
+    assert after[f"token_one_{source}"] == before[f"token_one_{source}"] + 1
+    assert after[f"token_one_{other}"] == before[f"token_one_{other}"]
+    tokens = [t for e in events for c in e["choices"] for t in (c.get("token_ids") or [])]
+    assert len(tokens) == 20
+    assert len({e["id"] for e in events}) == 1
+    assert events[-1]["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 20,
+                                   "total_tokens": len(prompt) + 20}
+    assert _agreed_until_near_tie(urls["agg"], prompt, tokens, 20) >= 1
+
+
 def test_decode_engine_loads_prompt_kv_remotely(urls):
     before_d = engine_stats("pd", "DecodeServer")
     before_p = engine_stats("pd", "PrefillServer")

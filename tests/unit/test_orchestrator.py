@@ -244,3 +244,88 @@ async def test_without_a_migrator_engine_loss_propagates():
 
     with pytest.raises(EngineLost):
         await PDOrchestrator("aggregated", DyingEngine()).handle("completion", FakeCompletion())
+
+
+# --- token 1 from prefill (app.handoff.first_token) ------------------------------------------
+
+class FakeRequestModel(BaseModel):
+    """What ``to_request`` builds: any body, kept as given."""
+
+    model_config = {"extra": "allow"}
+    request_id: str = "cont-1"
+
+
+def _prefill_answer(prompt_ids, finish="length"):
+    return Head(KIND_JSON, 200, {
+        "id": "cmpl-p", "created": 7, "model": "m", "kv_transfer_params": KV,
+        "choices": [{"text": " one", "token_ids": [41], "prompt_token_ids": prompt_ids,
+                     "finish_reason": finish}]})
+
+
+def _fast(decode, prefill, block_size=32):
+    from app.orchestrator import FirstTokenPath
+
+    path = FirstTokenPath(lambda kind, body: FakeRequestModel(**body), "m", block_size)
+    return PDOrchestrator("disaggregated", decode, prefill, first_token=path)
+
+
+def _data(chunk):
+    import json
+
+    return json.loads(chunk[len("data: "):])
+
+
+async def test_token_one_from_prefill_is_sent_before_decode_continues_after_it():
+    prefill = FakeEngine(once=_prefill_answer(list(range(40))))
+    decode = FakeEngine(stream_items=[
+        Head(KIND_STREAM),
+        'data: {"id":"cmpl-d","choices":[{"index":0,"text":" two","token_ids":[42],'
+        '"finish_reason":"length"}]}\n\n',
+        'data: {"id":"cmpl-d","choices":[],"usage":{"prompt_tokens":41,'
+        '"completion_tokens":1}}\n\n',
+        "data: [DONE]\n\n"])
+    reply = await _fast(decode, prefill).handle("completion", FakeCompletion(
+        stream=True, max_tokens=2, stream_options={"include_usage": True}))
+    assert reply.route is Route.DISAGGREGATED
+    assert prefill.requests[0].min_tokens == 0
+    cont = decode.requests[0]
+    assert cont.prompt == list(range(40)) + [41] and cont.max_tokens == 1
+    assert cont.kv_transfer_params == KV
+    chunks = await _collect(reply)
+    first, second, usage = (_data(c) for c in chunks[:3])
+    assert first["choices"][0]["text"] == " one" and first["id"] == "cmpl-p"
+    assert second["choices"][0]["text"] == " two" and second["id"] == "cmpl-p"
+    assert usage["usage"] == {"prompt_tokens": 40, "completion_tokens": 2, "total_tokens": 42}
+    assert chunks[3:] == ["data: [DONE]\n\n"] and decode.closed
+
+
+async def test_block_aligned_prompt_or_eos_token_one_takes_the_usual_path():
+    for answer in (_prefill_answer(list(range(64))), _prefill_answer(list(range(40)), "stop")):
+        prefill, decode = FakeEngine(once=answer), FakeEngine()
+        reply = await _fast(decode, prefill).handle("completion", FakeCompletion(stream=True))
+        assert decode.requests[0].prompt == "hello"  # the client's request, decode samples
+        assert decode.requests[0].kv_transfer_params == KV
+        assert await _collect(reply) == ["data: a\n\n", "data: [DONE]\n\n"]
+
+
+async def test_decode_refusing_the_continuation_falls_back_to_the_usual_path():
+    class Refusing(FakeEngine):
+        async def stream(self, kind, request):
+            self.requests.append(request)
+            if isinstance(request, FakeRequestModel):
+                yield Head(KIND_ERROR, 400, {"error": {"message": "too long"}})
+                return
+            for item in self.stream_items:
+                yield item
+
+    prefill, decode = FakeEngine(once=_prefill_answer(list(range(40)))), Refusing()
+    reply = await _fast(decode, prefill).handle("completion", FakeCompletion(stream=True))
+    assert len(decode.requests) == 2 and decode.requests[1].prompt == "hello"
+    assert await _collect(reply) == ["data: a\n\n", "data: [DONE]\n\n"]
+
+
+async def test_non_streamed_requests_keep_the_usual_path():
+    prefill = FakeEngine(once=_prefill_answer(list(range(40))))
+    decode = FakeEngine(stream_items=[Head(KIND_JSON, 200, {"choices": []})])
+    reply = await _fast(decode, prefill).handle("completion", FakeCompletion(stream=False))
+    assert reply.head.kind == KIND_JSON and decode.requests[0].prompt == "hello"

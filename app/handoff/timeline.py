@@ -1,0 +1,153 @@
+"""Where a disaggregated request's time goes, from the front to the first decode token.
+
+Marks come from two kinds of clock that agree on one host: the front's ``time.monotonic()``
+and vLLM's engine-core timestamps (``RequestStateStats.queued_ts`` / ``scheduled_ts`` /
+``first_token_ts``, also ``time.monotonic()``, in the engine-core process). Linux's
+CLOCK_MONOTONIC is system-wide, so differences across processes of one node are meaningful;
+across nodes they are not (the stages that span two nodes then read as garbage, said in
+docs/BENCHMARKS.md). Nothing here imports Ray or vLLM.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Stage name -> (start mark, end mark), in request order. A stage is missing when a mark is.
+STAGES: dict[str, tuple[str, str]] = {
+    "to_prefill_engine": ("received", "prefill_queued"),
+    "prefill_queue": ("prefill_queued", "prefill_scheduled"),
+    "prefill_compute": ("prefill_scheduled", "prefill_first_token"),
+    "prefill_reply": ("prefill_first_token", "prefill_returned"),
+    "decode_admission": ("prefill_returned", "decode_queued"),
+    "kv_wait": ("decode_queued", "decode_scheduled"),
+    "decode_first_step": ("decode_scheduled", "decode_first_token"),
+    "to_socket": ("decode_first_token", "decode_first_chunk"),
+}
+STAGE_HELP = {
+    "to_prefill_engine": "front -> Ray handle -> prefill replica -> vLLM frontend -> engine core",
+    "prefill_queue": "waiting in the prefill scheduler",
+    "prefill_compute": "prefill forward pass(es) and sampling of token 1",
+    "prefill_reply": "prefill output back through vLLM's serving layer and Ray to the front",
+    "decode_admission": "decode request built, through vLLM's frontend into the scheduler",
+    "kv_wait": "NIXL handshake/READ/notification, until the scheduler runs the request",
+    "decode_first_step": "decode forward pass computing the missing token(s)",
+    "to_socket": "decode output through vLLM's serving layer to the front",
+}
+ENGINE_MARKS = ("queued", "scheduled", "first_token")
+
+
+def engine_stamps(metrics: Any) -> dict[str, float]:
+    """The engine-core marks of vLLM's ``RequestOutput.metrics`` (``RequestStateStats``);
+    zero (unset) marks are left out."""
+    out = {}
+    for name in ENGINE_MARKS:
+        value = float(getattr(metrics, f"{name}_ts", 0.0) or 0.0)
+        if value > 0:
+            out[name] = value
+    return out
+
+
+@dataclass
+class HandoffTimeline:
+    """Absolute marks of one request (monotonic seconds); ``stages_ms`` turns them into the
+    stage durations of :data:`STAGES`, plus ``first_chunk_ms``, the client's TTFT as the
+    front sees it, and the KV read the decode engine reported."""
+
+    marks: dict[str, float] = field(default_factory=dict)
+    kv_bytes: int = 0
+    kv_read_s: float | None = None
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        self.marks.setdefault(name, time.monotonic() if at is None else at)
+
+    def engine(self, prefix: str, stamps: dict[str, float] | None) -> None:
+        for name, value in (stamps or {}).items():
+            self.mark(f"{prefix}_{name}", value)
+
+    def stages_ms(self) -> dict[str, float]:
+        m = self.marks
+        out = {name: round((m[end] - m[start]) * 1e3, 3)
+               for name, (start, end) in STAGES.items() if start in m and end in m}
+        if "received" in m and "first_chunk" in m:
+            out["first_chunk_ms"] = round((m["first_chunk"] - m["received"]) * 1e3, 3)
+        if "received" in m and "decode_first_chunk" in m:
+            out["decode_first_chunk_ms"] = round(
+                (m["decode_first_chunk"] - m["received"]) * 1e3, 3)
+        return out
+
+    def record(self) -> dict[str, Any]:
+        """What the front logs (one JSON line per request)."""
+        out: dict[str, Any] = {"stages_ms": self.stages_ms()}
+        if self.kv_read_s is not None:
+            out["kv_read_ms"] = round(self.kv_read_s * 1e3, 3)
+        if self.kv_bytes:
+            out["kv_bytes"] = self.kv_bytes
+            span = in_path_seconds(self.marks)
+            if span:
+                out["in_path_gbps"] = round(self.kv_bytes / span / 1e9, 3)
+        return out
+
+
+def in_path_seconds(marks: dict[str, float]) -> float | None:
+    """From prefill done (its first token) to decode start (the request scheduled with its
+    KV in place): what the KV handoff costs on the request's path."""
+    start, end = marks.get("prefill_first_token"), marks.get("decode_scheduled")
+    if start is None or end is None or end <= start:
+        return None
+    return end - start
+
+
+def median_stages(records: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Per-stage medians over many logged records (the bench's stacked bar)."""
+    columns: dict[str, list[float]] = {}
+    for record in records:
+        for name, value in (record.get("stages_ms") or {}).items():
+            columns.setdefault(name, []).append(float(value))
+        for key in ("kv_read_ms", "in_path_gbps", "kv_bytes"):
+            if key in record:
+                columns.setdefault(key, []).append(float(record[key]))
+    return {name: _median(values) for name, values in columns.items()}
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+class EngineStampBook:
+    """Engine-core marks of an engine's recent requests, by vLLM request id (bounded): wraps
+    ``AsyncLLM.generate`` and notes each output's ``metrics`` (first value of a mark wins)."""
+
+    def __init__(self, keep: int = 4096):
+        self._keep = keep
+        self._stamps: dict[str, dict[str, float]] = {}
+
+    def wrap(self, generate):
+        book = self
+
+        async def recording(prompt, sampling_params, request_id, *args, **kwargs):
+            async for out in generate(prompt, sampling_params, request_id, *args, **kwargs):
+                metrics = getattr(out, "metrics", None)
+                if metrics is not None:
+                    book.note(request_id, engine_stamps(metrics))
+                yield out
+
+        return recording
+
+    def note(self, request_id: str, stamps: dict[str, float]) -> None:
+        entry = self._stamps.setdefault(request_id, {})
+        for name, value in stamps.items():
+            entry.setdefault(name, value)
+        while len(self._stamps) > self._keep:
+            del self._stamps[next(iter(self._stamps))]
+
+    def lookup(self, ids: Iterable[str]) -> dict[str, float]:
+        """The marks of the first of ``ids`` (vLLM's id variants of one request) known."""
+        for rid in ids:
+            if rid in self._stamps:
+                return dict(self._stamps[rid])
+        return {}

@@ -1,0 +1,406 @@
+"""The P/D handoff, taken apart: per-stage timeline, first token from prefill, KV bandwidth in
+the request path, and KV compressed to FP8 in transit (issue 11). One run, side by side:
+
+1. ``tiny``: the serving_overhead workload (tiny model, 200-token prompts, 32 output tokens,
+   concurrency 1), disaggregated, with the per-request timeline on (``handoff.timeline``):
+   ``before`` = ``handoff.first_token_from_prefill: false`` (decode samples token 1 again),
+   ``after`` = ``true`` (prefill's token 1 streamed at once). Client TTFT, time to token 2,
+   TPOT, and the median of every timeline stage; a stacked bar plot of both.
+2. ``small``: the small model, prompts of 1000, 2000 and 3990 tokens, KV cache ``auto`` (bf16) vs
+   ``fp8``: KV bytes per request from the decode engine's NIXL stats, the in-path bandwidth
+   (bytes / time from prefill's token 1 to decode's request scheduled with its KV), and the
+   raw NIXL READ bandwidth of ``bench/nixl_bandwidth.py`` at the 2k-prompt size between two
+   processes pinned to the engines' two cores, with the same descriptor size and progress
+   delay (measured after the app stops: not inside the engine processes themselves).
+3. Accuracy of FP8 KV: the same 16 fixed prompts, greedy, 32 tokens, ``logprobs`` 1, on the
+   bf16 and the fp8 app: greedy agreement (tokens equal up to the first divergence) and
+   the mean absolute logprob drift of the agreeing tokens.
+
+    python bench/handoff.py          # ~12 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.handoff.timeline import STAGES, median_stages  # noqa: E402
+from app.ports import free_port  # noqa: E402
+from loadtests.envinfo import hardware, hardware_line  # noqa: E402
+from loadtests.mdsection import update_file  # noqa: E402
+from loadtests.servers import running_app  # noqa: E402
+
+SECTION = "bench:handoff"
+HOST = "127.0.0.1"
+TIMELINE_TAG = "pd_timeline "
+
+
+@dataclass
+class Stream:
+    ttft: float
+    ttst: float | None  # time to the second token
+    tpot: float | None
+    tokens: int
+
+
+@dataclass
+class Point:
+    name: str
+    streams: list[Stream] = field(default_factory=list)
+    timelines: list[dict[str, Any]] = field(default_factory=list)
+    errors: int = 0
+
+    def p50(self, attr: str) -> float | None:
+        values = [getattr(s, attr) for s in self.streams if getattr(s, attr) is not None]
+        return statistics.median(values) * 1e3 if values else None
+
+
+def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(16, vocab) for _ in range(length)] for _ in range(n)]
+
+
+async def stream_one(http: httpx.AsyncClient, base: str, model: str, prompt: list[int],
+                     max_tokens: int) -> Stream:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, "stream": True}
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    async with http.stream("POST", base + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            got = sum(len(c.get("token_ids") or []) for c in event.get("choices", []))
+            stamps += [time.perf_counter()] * got
+    if not stamps:
+        raise RuntimeError("no tokens streamed")
+    n = len(stamps)
+    return Stream(stamps[0] - t0, stamps[1] - t0 if n > 1 else None,
+                  (stamps[-1] - stamps[0]) / (n - 1) if n > 1 else None, n)
+
+
+async def sequential(base: str, model: str, batch: list[list[int]], max_tokens: int,
+                     point: Point) -> None:
+    async with httpx.AsyncClient(timeout=600, trust_env=False) as http:
+        for prompt in batch:
+            try:
+                point.streams.append(await stream_one(http, base, model, prompt, max_tokens))
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                point.errors += 1
+                print(f"  {point.name}: request failed: {exc}", file=sys.stderr)
+
+
+async def greedy_logprobs(base: str, model: str, batch: list[list[int]], max_tokens: int
+                          ) -> list[list[tuple[int, float]]]:
+    """(token id, logprob) of each greedy token, per prompt (non-streamed, logprobs 1)."""
+    out = []
+    async with httpx.AsyncClient(timeout=600, trust_env=False) as http:
+        for prompt in batch:
+            r = await http.post(base + "/v1/completions", json={
+                "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "logprobs": 1, "return_token_ids": True})
+            r.raise_for_status()
+            choice = r.json()["choices"][0]
+            out.append(list(zip(choice["token_ids"], choice["logprobs"]["token_logprobs"],
+                                strict=True)))
+    return out
+
+
+def agreement(ref: list[list[tuple[int, float]]], other: list[list[tuple[int, float]]]
+              ) -> tuple[float, float, int]:
+    """(fraction of tokens equal up to each prompt's first divergence, mean |logprob drift|
+    over those tokens, prompts identical throughout)."""
+    agreed = total = identical = 0
+    drift: list[float] = []
+    for a, b in zip(ref, other, strict=True):
+        total += len(a)
+        run = 0
+        for (ta, la), (tb, lb) in zip(a, b, strict=True):
+            if ta != tb:
+                break
+            run += 1
+            drift.append(abs(la - lb))
+        agreed += run
+        identical += run == len(a)
+    return agreed / max(total, 1), statistics.fmean(drift) if drift else 0.0, identical
+
+
+def timelines_from(log: Path, since: int) -> list[dict[str, Any]]:
+    """The front's ``pd_timeline`` records logged after byte offset ``since``."""
+    records = []
+    with log.open("rb") as fh:
+        fh.seek(since)
+        for raw in fh:
+            line = raw.decode(errors="replace")
+            at = line.find(TIMELINE_TAG)
+            if at >= 0:
+                try:
+                    records.append(json.loads(line[at + len(TIMELINE_TAG):]))
+                except ValueError:
+                    pass
+    return records
+
+
+def app_config(args, model: str, port: int, first_token: bool, kv_dtype: str) -> dict:
+    engine = {"max_model_len": args.max_model_len, "block_size": 32, "enforce_eager": True,
+              "kv_cache_memory_bytes": 1 << 30}
+    if kv_dtype != "auto":
+        engine["kv_cache_dtype"] = kv_dtype
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": HOST, "port": port},
+        "logging_config": {"log_level": "INFO", "enable_access_log": False},
+        "applications": [{"name": "pd", "route_prefix": "/",
+                          "import_path": "app.builder:build_app", "args": {
+                              "model": {"path": str(ROOT / "models" / model),
+                                        "served_model_name": model},
+                              "mode": "disaggregated",
+                              "engine_args": engine,
+                              "prefill": {"cpu_cores": ["0"]},
+                              "decode": {"cpu_cores": ["1"]},
+                              "nixl": {"side_channel_host": HOST,
+                                       "progress_delay_us": args.nixl_delay_us},
+                              "engine_process": {"shm_busy_loop_s": 0.002},
+                              "handoff": {"first_token_from_prefill": first_token,
+                                          "timeline": True},
+                          }}],
+    }
+
+
+def run_point(args, name: str, model: str, first_token: bool, kv_dtype: str, work: Path,
+              jobs: list[tuple[str, list[list[int]], int]], accuracy: list[list[int]] | None
+              ) -> tuple[dict[str, Point], list | None]:
+    port = free_port()
+    config = app_config(args, model, port, first_token, kv_dtype)
+    points: dict[str, Point] = {}
+    logprobs = None
+    with running_app(config, work, name, HOST, port, model) as (base, _proc, log):
+        for label, batch, max_tokens in jobs:
+            asyncio.run(sequential(base, model, batch[:2], max_tokens, Point("warm-up")))
+            time.sleep(1.0)
+            offset = log.stat().st_size
+            point = points[label] = Point(f"{name}/{label}")
+            asyncio.run(sequential(base, model, batch[2:], max_tokens, point))
+            time.sleep(2.0)  # log lines reach the driver's output asynchronously
+            point.timelines = timelines_from(log, offset)
+            print(f"   {name}/{label}: TTFT p50 {point.p50('ttft'):.1f} ms, token 2 "
+                  f"{point.p50('ttst'):.1f} ms, TPOT {point.p50('tpot'):.2f} ms, "
+                  f"{len(point.timelines)} timelines, errors {point.errors}",
+                  file=sys.stderr, flush=True)
+        if accuracy:
+            logprobs = asyncio.run(greedy_logprobs(base, model, accuracy, 32))
+    return points, logprobs
+
+
+def raw_nixl(size_mib: float, chunk_kib: int, delay_us: int) -> dict[str, Any] | None:
+    """bench/nixl_bandwidth.py between two processes on the engines' cores (0 and 1)."""
+    cmd = ["taskset", "-c", "0-1", sys.executable, str(ROOT / "bench" / "nixl_bandwidth.py"),
+           "--sizes", f"{size_mib:g}", "--chunk-kib", str(chunk_kib), "--iters", "30",
+           "--progress-delay-us", str(delay_us), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            return json.loads(line)
+    print(f"nixl_bandwidth failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return None
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def fmt(v: float | None, digits: int = 1) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def plot(tiny: dict[str, Point], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(STAGES)
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    for row, point in enumerate(tiny.values()):
+        med = median_stages(point.timelines)
+        left = 0.0
+        for i, stage in enumerate(names):
+            width = med.get(stage, 0.0)
+            ax.barh(row, width, left=left, color=plt.cm.tab10(i), edgecolor="white",
+                    label=stage if row == 0 else None)
+            left += width
+        ttft = point.p50("ttft")
+        if ttft is not None:
+            ax.plot([ttft], [row], marker="v", color="black", markersize=9,
+                    label="client TTFT p50" if row == 0 else None)
+    ax.set_yticks(range(len(tiny)), [f"{k}" for k in tiny])
+    ax.set_xlabel("ms from the front receiving the request to decode's first token (medians)")
+    ax.set_title("Disaggregated request, tiny model, 200-token prompt, concurrency 1")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.28))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(args, command: str, tiny: dict[str, Point], small: dict[str, dict[str, Point]],
+             raw: dict | None, acc: tuple[float, float, int] | None, n_acc: int) -> str:
+    hw = hardware()
+    lines = [
+        "## KV handoff: timeline, first token from prefill, FP8 KV (issue 11)",
+        "",
+        f"Generated by `bench/handoff.py` on {datetime.now():%Y-%m-%d %H:%M} "
+        f"(commit `{hw.get('git_commit') or '?'}`).",
+        "",
+        f"- Command: `{command}`",
+        f"- Hardware: {hardware_line(hw)}",
+        "- Disaggregated app, prefill engine on core 0, decode on core 1, block size 32, "
+        f"NIXL progress delay {args.nixl_delay_us} µs, `handoff.timeline: true`; sequential "
+        "streaming completions of random token ids, greedy, `ignore_eos`.",
+        "- Timeline stages (medians, ms) from the front's per-request `pd_timeline` log lines: "
+        "front marks plus vLLM's engine-core request timestamps (one host, one monotonic "
+        "clock). `first chunk` is the client's TTFT as the front sees it; `decode token` is "
+        "decode's first token reaching the front.",
+        "",
+        "### Tiny model, 200-token prompts, 32 tokens (the serving_overhead workload)",
+        "",
+        "| setup | TTFT p50 | token 2 p50 | TPOT p50 | " + " | ".join(STAGES)
+        + " | first chunk | decode token | ok |",
+        "|---|" + "---|" * (len(STAGES) + 6),
+    ]
+    for label, point in tiny.items():
+        med = median_stages(point.timelines)
+        lines.append(
+            f"| {label} | {fmt(point.p50('ttft'))} | {fmt(point.p50('ttst'))} | "
+            f"{fmt(point.p50('tpot'), 2)} | "
+            + " | ".join(fmt(med.get(s)) for s in STAGES)
+            + f" | {fmt(med.get('first_chunk_ms'))} | {fmt(med.get('decode_first_chunk_ms'))}"
+            f" | {len(point.streams)} |")
+    lines += ["", "![handoff timeline](img/handoff_timeline.png)", "",
+              "### Small model: KV bytes and bandwidth in the request path, bf16 vs FP8 KV",
+              "",
+              "| KV cache | prompt tokens | KV bytes / request | NIXL READ ms | in-path ms "
+              "| in-path GB/s | TTFT p50 | TPOT p50 | ok |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for dtype, points in small.items():
+        for label, point in points.items():
+            med = median_stages(point.timelines)
+            kv = med.get("kv_bytes")
+            gbps = med.get("in_path_gbps")
+            span = kv / gbps / 1e6 if kv and gbps else None
+            lines.append(
+                f"| {dtype} | {label} | {fmt(kv / 1e6 if kv else None, 2)} MB | "
+                f"{fmt(med.get('kv_read_ms'), 2)} | {fmt(span, 2)} | {fmt(gbps, 2)} | "
+                f"{fmt(point.p50('ttft'))} | {fmt(point.p50('tpot'), 2)} | "
+                f"{len(point.streams)} |")
+    lines += [""]
+    checks = []
+    if raw is not None:
+        lines.append(f"Raw NIXL READ, two processes on cores 0-1, {raw['mib']:g} MiB in "
+                     f"{raw['chunk_kib']} KiB descriptors: **{raw['gbps']:.2f} GB/s** "
+                     f"(p50 {raw['p50_us']:.0f} µs).")
+        two_k = small.get("auto", {}).get("2000")
+        gbps = median_stages(two_k.timelines).get("in_path_gbps") if two_k else None
+        if gbps is not None:
+            checks.append(("in-path KV bandwidth ≥ 0.7 × raw NIXL READ (small model, 2k "
+                           "prompts)", f"{gbps:.2f} vs 0.7 × {raw['gbps']:.2f} = "
+                           f"{0.7 * raw['gbps']:.2f} GB/s", gbps >= 0.7 * raw["gbps"]))
+    bf16 = small.get("auto", {}).get("2000")
+    fp8 = small.get("fp8", {}).get("2000")
+    if bf16 and fp8:
+        b = median_stages(bf16.timelines).get("kv_bytes")
+        f = median_stages(fp8.timelines).get("kv_bytes")
+        if b and f:
+            checks.append(("FP8 KV moves ≥ 1.8 × fewer bytes (2k prompts)",
+                           f"{b / 1e6:.2f} MB vs {f / 1e6:.2f} MB = {b / f:.2f} ×",
+                           b / f >= 1.8))
+    if acc is not None:
+        lines.append(f"FP8 KV vs bf16 KV, {n_acc} fixed 512-token prompts, greedy, 32 tokens: "
+                     f"**{acc[0] * 100:.1f} %** of tokens agree up to each prompt's first "
+                     f"divergence, {acc[2]} of {n_acc} outputs identical; mean |logprob "
+                     f"drift| of agreeing tokens **{acc[1]:.4f}** nats.")
+    before, after = tiny.get("before"), tiny.get("after")
+    if before and after:
+        checks.append(("first token from prefill lowers TTFT p50",
+                       f"{fmt(after.p50('ttft'))} vs {fmt(before.p50('ttft'))} ms",
+                       (after.p50("ttft") or 1e9) < (before.p50("ttft") or 0)))
+    lines += ["", "Checks (within this run):", ""]
+    lines += [f"- {'✅' if ok else '❌'} {name}: {detail}" for name, detail, ok in checks]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=30, help="per tiny point")
+    parser.add_argument("--small-requests", type=int, default=6, help="per small point")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--nixl-delay-us", type=int, default=100)
+    parser.add_argument("--skip-small", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "handoff")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    parser.add_argument("--no-docs", action="store_true")
+    raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw_argv)
+    command = shlex.join(["python", "bench/handoff.py", *raw_argv])
+
+    def vocab(model: str) -> int:
+        return json.loads((ROOT / "models" / model / "config.json").read_text())["vocab_size"]
+
+    tiny: dict[str, Point] = {}
+    for label, first_token in (("before", False), ("after", True)):
+        batch = prompts(args.requests + 2, 200, vocab("tiny-llama"), seed=11)
+        points, _ = run_point(args, f"tiny-{label}", "tiny-llama", first_token, "auto",
+                              args.out, [("200", batch, 32)], None)
+        tiny[label] = points["200"]
+    small: dict[str, dict[str, Point]] = {}
+    acc = raw = None
+    n_acc = 16
+    if not args.skip_small:
+        v = vocab("small-llama")
+        jobs = [(str(n), prompts(args.small_requests + 2, n, v, seed=n), 16)
+                for n in (1000, 2000, 3990)]
+        fixed = prompts(n_acc, 512, v, seed=7)
+        lp: dict[str, list] = {}
+        for dtype in ("auto", "fp8"):
+            small[dtype], lp[dtype] = run_point(args, f"small-{dtype}", "small-llama", True,
+                                                dtype, args.out, jobs, fixed)
+        acc = agreement(lp["auto"], lp["fp8"])
+        two_k = median_stages(small["auto"]["2000"].timelines).get("kv_bytes")
+        size = (two_k or 2000 * 10240) / (1 << 20)
+        raw = raw_nixl(size, 16, args.nixl_delay_us)
+    plot(tiny, ROOT / "docs" / "img" / "handoff_timeline.png")
+    text = markdown(args, command, tiny, small, raw, acc, n_acc)
+    print(text)
+    (args.out / "results.json").write_text(json.dumps({
+        "tiny": {k: {"streams": [s.__dict__ for s in p.streams], "timelines": p.timelines}
+                 for k, p in tiny.items()},
+        "small": {d: {k: {"streams": [s.__dict__ for s in p.streams],
+                          "timelines": p.timelines} for k, p in pts.items()}
+                  for d, pts in small.items()},
+        "raw_nixl": raw, "accuracy": acc}, indent=1))
+    if not args.no_docs and not args.skip_small:
+        update_file(args.docs, SECTION, text)
+        print(f"wrote section {SECTION} of {args.docs}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
