@@ -269,6 +269,7 @@ class EngineFront(EngineServer, OpenAIFront):
             self.tracker,
             self._peer_stream if self.cfg.server.max_migrations > 0 else None,
             block_size=self.host.block_size,
+            max_model_len=self.host.max_model_len,
             decode_probe=self._decode_probe,
         )
 

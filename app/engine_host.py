@@ -96,6 +96,10 @@ class EngineHost:
     def block_size(self) -> int:
         return int(self.engine.vllm_config.cache_config.block_size)
 
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.vllm_config.model_config.max_model_len)
+
     def engine_stamps(self, request_key: str) -> dict[str, float]:
         """Engine-core marks of the request whose client-level id is ``request_key``."""
         return self.stamps.lookup(engine_ids(request_key)) if self.stamps else {}

@@ -47,11 +47,12 @@ class OpenAIFront:
                     prefill: EngineClient | None = None,
                     tracker: RequestTracker | None = None,
                     peer: PeerStream | None = None, block_size: int = 0,
+                    max_model_len: int = 0,
                     decode_probe: DecodeProbe | None = None) -> None:
         """``tracker``: told when requests start, finish prefill and end (the KV router's
         load reports); router headers are honoured only when one is given. ``peer``: runs a
         request on another replica, for migrations when this one's engine dies.
-        ``block_size``: the decode engine's KV block size (the first-token fast path);
+        ``block_size``, ``max_model_len``: the decode engine's (the first-token fast path);
         ``decode_probe``: what the decode engine saw of a request (``handoff.timeline``)."""
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -67,7 +68,7 @@ class OpenAIFront:
         served = cfg.model.served_model_name
         first_token = None
         if cfg.handoff.first_token_from_prefill and prefill is not None:
-            first_token = FirstTokenPath(self._to_request, served, block_size)
+            first_token = FirstTokenPath(self._to_request, served, block_size, max_model_len)
         self.orchestrator = PDOrchestrator(
             mode=cfg.mode,
             decode=decode,

@@ -28,7 +28,7 @@ from app.handoff.first_token import (
 from app.handoff.timeline import HandoffTimeline
 from app.metrics.math import FALLBACK_OUTCOMES, prefill_outcome
 from app.metrics.observer import NULL_OBSERVER, FlowObserver
-from app.migration import DONE, EngineLost, Migrator, parse_event
+from app.migration import DONE, EngineLost, Migrator, error_event, parse_event
 from app.pd_decision import RequestShape, Route, decide_route, fallback_on_prefill_status
 from app.pd_requests import client_request, decode_request, prefill_request
 from app.routing.hints import RouteHint
@@ -58,6 +58,7 @@ class FirstTokenPath:
     to_request: Callable[[str, dict[str, Any]], Any]  # body -> the engine's request model
     model: str
     block_size: int
+    max_model_len: int = 0  # 0: unknown
 
 
 @dataclass
@@ -177,47 +178,54 @@ class PDOrchestrator:
                                  params: dict[str, Any], timeline: HandoffTimeline | None
                                  ) -> Reply | None:
         """Token 1 from prefill now, decode's continuation after it; None: take the usual
-        path (the request or prefill's answer does not qualify, or decode refused)."""
+        path (the request or prefill's answer does not qualify)."""
         path = self.first_token
         body = request.model_dump()
         first = PrefillToken.parse(kind, answer)
         why = ineligible(kind, body) or ("prefill returned no token ids" if first is None
-                                         else first.continues(path.block_size))
+                                         else first.continues(path.block_size,
+                                                              path.max_model_len))
         if why is not None:
             log.debug("token 1 from decode: %s", why)
             return None
-        cont = path.to_request("completion", decode_continuation(kind, body, first,
-                                                                 path.model, params))
-        stream = self.decode.stream("completion", cont)
         try:
-            head = await anext(stream)  # before any engine work: validation only
-        except Exception as exc:  # noqa: BLE001 - the usual path handles a lost engine
-            await stream.aclose()
-            log.warning("decode continuation failed to start (%s); token 1 from decode", exc)
+            cont = path.to_request("completion", decode_continuation(kind, body, first,
+                                                                     path.model, params))
+        except Exception as exc:  # noqa: BLE001 - the usual path then answers as it would
+            log.warning("continuation after token 1 invalid (%s); token 1 from decode", exc)
             return None
-        if head.kind != KIND_STREAM:
-            await stream.aclose()
-            log.warning("decode refused the continuation (%s); token 1 from decode",
-                        head.status)
-            return None
-        chunks = stream
-        if self.migrator is not None:
-            chunks = self.migrator.guard("completion", cont, stream)
-        events = first_chunks(kind, body, first, fmt := formatter(kind, body, first,
-                                                                  path.model))
-        return Reply(Route.DISAGGREGATED, head,
-                     self._after_token_one(events, chunks, fmt, cont, timeline))
+        fmt = formatter(kind, body, first, path.model)
+        return Reply(Route.DISAGGREGATED, Head(KIND_STREAM),
+                     self._after_token_one(first_chunks(kind, body, first, fmt), fmt, cont,
+                                           timeline))
 
-    async def _after_token_one(self, events: list[str], chunks: AsyncIterator[str], fmt: Any,
-                               cont: Any, timeline: HandoffTimeline | None
-                               ) -> AsyncIterator[str]:
-        """Token 1's events, then decode's continuation rewritten into the client's stream."""
-        async with contextlib.aclosing(chunks):
+    async def _after_token_one(self, events: list[str], fmt: Any, cont: Any,
+                               timeline: HandoffTimeline | None) -> AsyncIterator[str]:
+        """Token 1's events, then decode's continuation rewritten into the client's stream.
+        Decode is asked while token 1 goes out; a client gone before decode starts still
+        gets its prefill blocks released (closing the opened stream does that)."""
+        opening = asyncio.ensure_future(self._open_decode("completion", cont))
+        stream = None
+        try:
             for event in events:
                 yield event
             if timeline is not None:
                 timeline.mark("first_chunk")
-            async for chunk in chunks:
+            try:
+                head, stream, rerun = await opening
+            except Exception as exc:  # noqa: BLE001 - token 1 is out: end the stream cleanly
+                log.warning("decode could not continue after token 1: %s: %s",
+                            type(exc).__name__, exc)
+                yield error_event("the decode engine could not continue this request "
+                                  f"({type(exc).__name__}); retry the request")
+                yield DONE
+                return
+            if stream is None:
+                yield error_event(f"the decode engine refused to continue: "
+                                  f"{json.dumps(head.body)[:300]}")
+                yield DONE
+                return
+            async for chunk in self._guarded("completion", cont, stream, rerun):
                 data = parse_event(chunk)
                 if data is None:
                     continue  # [DONE]: ours comes last
@@ -230,7 +238,13 @@ class PDOrchestrator:
                     timeline = None
                 if event is not None:
                     yield event
-        yield DONE
+            yield DONE
+        finally:
+            if stream is None and not opening.cancelled():
+                with contextlib.suppress(BaseException):
+                    _, stream, _ = await opening
+            if stream is not None:  # closing it releases prefill's blocks if never started
+                await stream.aclose()
 
     def _emit_timeline(self, timeline: HandoffTimeline, request_key: str) -> None:
         timeline.mark("decode_first_chunk")
@@ -242,6 +256,16 @@ class PDOrchestrator:
     async def _run_decode(self, route: Route, kind: str, request: Any,
                           timeline: HandoffTimeline | None = None) -> Reply:
         """The decode leg; if this engine dies under it, the migrator moves it to a peer."""
+        head, stream, rerun = await self._open_decode(kind, request)
+        chunks = self._guarded(kind, request, stream, rerun)
+        if chunks is not None and timeline is not None:
+            chunks = self._timed(chunks, timeline, getattr(request, "request_id", ""))
+        return Reply(route, head, chunks)
+
+    async def _open_decode(self, kind: str, request: Any
+                           ) -> tuple[Head, AsyncIterator[str] | None, bool]:
+        """Decode's Head, its stream (None if not streaming), and whether that is a peer's
+        re-run because this engine is already dead."""
         stream = self.decode.stream(kind, request)
         try:
             head = await anext(stream)
@@ -249,20 +273,21 @@ class PDOrchestrator:
             await stream.aclose()
             if self.migrator is None:
                 raise
-            head, chunks = await self.migrator.rerun(kind, request)
-            return Reply(route, head, chunks)
+            return (*await self.migrator.rerun(kind, request), True)
         except BaseException:
             await stream.aclose()
             raise
         if head.kind != KIND_STREAM:
             await stream.aclose()
-            return Reply(route, head)
-        chunks = stream
-        if self.migrator is not None:
-            chunks = self.migrator.guard(kind, request, stream)
-        if timeline is not None:
-            chunks = self._timed(chunks, timeline, getattr(request, "request_id", ""))
-        return Reply(route, head, chunks)
+            return head, None, False
+        return head, stream, False
+
+    def _guarded(self, kind: str, request: Any, stream: AsyncIterator[str] | None,
+                 rerun: bool) -> AsyncIterator[str] | None:
+        """This engine's stream, continued on a peer if the engine dies under it."""
+        if stream is None or rerun or self.migrator is None:
+            return stream
+        return self.migrator.guard(kind, request, stream)
 
     async def _timed(self, chunks: AsyncIterator[str], timeline: HandoffTimeline,
                      request_key: str) -> AsyncIterator[str]:

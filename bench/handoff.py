@@ -180,6 +180,9 @@ def app_config(args, model: str, port: int, first_token: bool, kv_dtype: str) ->
                               "nixl": {"side_channel_host": HOST,
                                        "progress_delay_us": args.nixl_delay_us},
                               "engine_process": {"shm_busy_loop_s": 0.002},
+                              # every request disaggregated (the KV router would prefill
+                              # short prompts on decode)
+                              "routing": {"policy": "power_of_two"},
                               "handoff": {"first_token_from_prefill": first_token,
                                           "timeline": True},
                           }}],
@@ -247,6 +250,10 @@ def plot(tiny: dict[str, Point], path: Path) -> None:
             ax.barh(row, width, left=left, color=plt.cm.tab10(i), edgecolor="white",
                     label=stage if row == 0 else None)
             left += width
+        front = med.get("first_chunk_ms")
+        if front is not None:
+            ax.plot([front], [row], marker="D", color="white", markeredgecolor="black",
+                    markersize=7, label="token 1 leaves the front" if row == 0 else None)
         ttft = point.p50("ttft")
         if ttft is not None:
             ax.plot([ttft], [row], marker="v", color="black", markersize=9,
@@ -272,7 +279,8 @@ def markdown(args, command: str, tiny: dict[str, Point], small: dict[str, dict[s
         "",
         f"- Command: `{command}`",
         f"- Hardware: {hardware_line(hw)}",
-        "- Disaggregated app, prefill engine on core 0, decode on core 1, block size 32, "
+        "- Disaggregated app (`routing.policy: power_of_two`: every request takes the P/D path), "
+        "prefill engine on core 0, decode on core 1, block size 32, "
         f"NIXL progress delay {args.nixl_delay_us} µs, `handoff.timeline: true`; sequential "
         "streaming completions of random token ids, greedy, `ignore_eos`.",
         "- Timeline stages (medians, ms) from the front's per-request `pd_timeline` log lines: "

@@ -12,6 +12,9 @@
 7. ``kv-router``: 3 with ``routing.policy: kv`` (HAProxy asks the KV-aware router for every
    request, engines publish KV events and load), local prefill off so that the request path
    is 3's: what the router itself adds. Setups 3, 5 use ``policy: power_of_two``.
+8. ``disaggregated-token1-decode``: 3 with ``handoff.first_token_from_prefill: false`` (decode
+   samples token 1 after the KV handoff, as before issue 11), to show what streaming prefill's
+   token 1 at once buys.
 
 The app setups run with ``app/serve_env.py``'s settings unless said otherwise.
 
@@ -56,9 +59,9 @@ from loadtests.servers import (  # noqa: E402
 
 SECTION = "bench:serving_overhead"
 SETUPS = ("plain", "aggregated", "disaggregated", "plain-pd", "disaggregated-nixl-spin",
-          "aggregated-ray-proxy", "kv-router")
+          "aggregated-ray-proxy", "kv-router", "disaggregated-token1-decode")
 APP_SETUPS = ("aggregated", "disaggregated", "disaggregated-nixl-spin", "aggregated-ray-proxy",
-              "kv-router")
+              "kv-router", "disaggregated-token1-decode")
 HOST = "127.0.0.1"
 
 
@@ -171,7 +174,8 @@ def vllm_server_command(args, port: int, core: int, kv_config: dict | None) -> l
 
 
 def app_serve_config(args, mode: str, port: int, nixl_delay_us: int,
-                     policy: str = "power_of_two") -> dict[str, Any]:
+                     policy: str = "power_of_two", token_one_from_prefill: bool = True
+                     ) -> dict[str, Any]:
     app_args = {
         "model": {"path": str(ROOT / args.model_path), "served_model_name": args.model_name},
         "mode": mode,
@@ -182,6 +186,7 @@ def app_serve_config(args, mode: str, port: int, nixl_delay_us: int,
         "nixl": {"side_channel_host": HOST, "progress_delay_us": nixl_delay_us},
         "engine_process": {"shm_busy_loop_s": args.shm_busy_loop_s},
         "routing": {"policy": policy},
+        "handoff": {"first_token_from_prefill": token_one_from_prefill},
     }
     if policy == "kv":  # same path as power_of_two (always remote prefill), plus the router
         app_args["routing"].update(local_prefill_max_tokens=0, advertise_host=HOST)
@@ -207,8 +212,9 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
         delay = 0 if setup.endswith("spin") else args.nixl_delay_us
         cfg_path = workdir / f"{setup}.yaml"
         policy = "kv" if setup == "kv-router" else "power_of_two"
-        cfg_path.write_text(
-            yaml.safe_dump(app_serve_config(args, mode, port, delay, policy), sort_keys=False))
+        cfg_path.write_text(yaml.safe_dump(app_serve_config(
+            args, mode, port, delay, policy, setup != "disaggregated-token1-decode"),
+            sort_keys=False))
         proc = start_serve_run(cfg_path, workdir / f"{setup}.log", ROOT, env,
                                fast_ingress=not setup.endswith("ray-proxy"))
         procs.append((proc, port, workdir / f"{setup}.log"))
@@ -249,6 +255,15 @@ def checks(results: dict[tuple[str, int], Result]) -> list[tuple[str, str, bool]
     rows = []
     a, p = p50("aggregated", "ttft"), p50("plain", "ttft")
     rows.append(("aggregated TTFT p50 ≤ plain + 5 ms", f"{fmt(a)} vs {fmt(p)} + 5", a <= p + 5))
+    d, a = p50("disaggregated", "ttft"), p50("aggregated", "ttft")
+    rows.append(("disaggregated TTFT p50 ≤ aggregated + 10 ms (concurrency 1; issue 11)",
+                 f"{fmt(d)} vs {fmt(a)} + 10", d <= a + 10))
+    if ("disaggregated-token1-decode", 1) in results:
+        for c in (1, 4):
+            fast = results[("disaggregated", c)].stat("ttft", 50)
+            slow = results[("disaggregated-token1-decode", c)].stat("ttft", 50)
+            rows.append((f"token 1 from prefill lowers disaggregated TTFT p50 (concurrency {c})",
+                         f"{fmt(fast)} vs {fmt(slow)} with token 1 from decode", fast < slow))
     d, h = p50("disaggregated", "ttft"), p50("plain-pd", "ttft")
     rows.append(("disaggregated TTFT p50 ≤ plain P/D + 10 ms", f"{fmt(d)} vs {fmt(h)} + 10",
                  d <= h + 10))
@@ -298,7 +313,11 @@ def markdown(args, command: str, results: dict[tuple[str, int], Result]) -> str:
         "- App topology: the decode (or aggregated) engine replica is the HTTP ingress; Ray "
         "settings of `app/serve_env.py` (HAProxy + direct ingress) except in "
         "`aggregated-ray-proxy`. Routing `power_of_two` except `kv-router` (KV-aware ingress "
-        "router, local prefill off: the same disaggregated path plus the router).",
+        "router, local prefill off: the same disaggregated path plus the router). Token 1 of "
+        "a disaggregated stream comes from prefill (`handoff.first_token_from_prefill`) "
+        "except in `disaggregated-token1-decode`, where decode samples it after the handoff; "
+        "TPOT is (last token - first token) / (tokens - 1), so it carries the handoff when "
+        "token 1 comes from prefill.",
         "",
         "| setup | conc | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | ok | errors |",
         "|---|---|---|---|---|---|---|---|",

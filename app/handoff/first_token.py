@@ -93,12 +93,14 @@ class PrefillToken:
                    str(body.get("model") or ""), list(prompt_ids), int(token_ids[0]), text,
                    choice.get("finish_reason"))
 
-    def continues(self, block_size: int) -> str | None:
+    def continues(self, block_size: int, max_model_len: int = 0) -> str | None:
         """Why decode cannot continue after this token, or None if it can."""
         if self.finish_reason not in (None, "length"):
             return f"token 1 finished the request ({self.finish_reason})"
         if block_size > 0 and len(self.prompt_ids) % block_size == 0:
             return "prompt ends on a KV block boundary"
+        if max_model_len and len(self.prompt_ids) + 1 >= max_model_len:
+            return "no room for a token after token 1"
         return None
 
 

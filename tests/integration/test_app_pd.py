@@ -316,6 +316,36 @@ def test_client_disconnect_frees_kv_on_both_engines(urls):
     assert after["generation_tokens"] == d["generation_tokens"]
 
 
+def test_client_gone_right_after_token_one_frees_kv_on_both_engines(urls):
+    """Token 1 comes from prefill before decode has the request: a client leaving then must
+    not strand the prompt's blocks on prefill (NIXL's lease would hold them 30 s) nor leave
+    the continuation running on decode."""
+    idle_d = engine_stats("pd", "DecodeServer")["kv_cache_usage"]
+    idle_p = engine_stats("pd", "PrefillServer")["kv_cache_usage"]
+    before = engine_stats("pd", "DecodeServer")["token_one_prefill"]
+    body = {"model": MODEL_NAME, "prompt": make_prompt(12, 400), "max_tokens": 1500,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    started = time.monotonic()
+    with client(urls["pd"]) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # token 1: leave at once
+    assert engine_stats("pd", "DecodeServer")["token_one_prefill"] == before + 1
+
+    def released():
+        d = engine_stats("pd", "DecodeServer")
+        p = engine_stats("pd", "PrefillServer")
+        ok = (d["kv_cache_usage"] <= idle_d and p["kv_cache_usage"] <= idle_p
+              and d["num_running_reqs"] == 0 and p["num_running_reqs"] == 0)
+        return d if ok else None
+
+    d = wait_until(released, 20, what="KV blocks released after leaving at token 1")
+    assert time.monotonic() - started < 20  # well inside the 30 s lease
+    time.sleep(2)
+    assert engine_stats("pd", "DecodeServer")["generation_tokens"] == d["generation_tokens"]
+
+
 def test_decode_abandoned_before_it_starts_frees_prefill_blocks_now(urls):
     """Decode leg dropped right after its Head: the prefill engine must free the prompt's
     blocks now, not when NIXL's 30 s lease expires. Through a Ray handle the replica starts

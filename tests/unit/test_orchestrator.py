@@ -288,10 +288,10 @@ async def test_token_one_from_prefill_is_sent_before_decode_continues_after_it()
         stream=True, max_tokens=2, stream_options={"include_usage": True}))
     assert reply.route is Route.DISAGGREGATED
     assert prefill.requests[0].min_tokens == 0
+    chunks = await _collect(reply)
     cont = decode.requests[0]
     assert cont.prompt == list(range(40)) + [41] and cont.max_tokens == 1
     assert cont.kv_transfer_params == KV
-    chunks = await _collect(reply)
     first, second, usage = (_data(c) for c in chunks[:3])
     assert first["choices"][0]["text"] == " one" and first["id"] == "cmpl-p"
     assert second["choices"][0]["text"] == " two" and second["id"] == "cmpl-p"
@@ -308,20 +308,37 @@ async def test_block_aligned_prompt_or_eos_token_one_takes_the_usual_path():
         assert await _collect(reply) == ["data: a\n\n", "data: [DONE]\n\n"]
 
 
-async def test_decode_refusing_the_continuation_falls_back_to_the_usual_path():
-    class Refusing(FakeEngine):
-        async def stream(self, kind, request):
-            self.requests.append(request)
-            if isinstance(request, FakeRequestModel):
-                yield Head(KIND_ERROR, 400, {"error": {"message": "too long"}})
-                return
-            for item in self.stream_items:
-                yield item
+async def test_decode_refusing_the_continuation_ends_the_stream_with_an_error_event():
+    refusing = FakeEngine(stream_items=[Head(KIND_ERROR, 400, {"error": {"message": "no"}})])
+    prefill = FakeEngine(once=_prefill_answer(list(range(40))))
+    reply = await _fast(refusing, prefill).handle("completion", FakeCompletion(stream=True))
+    chunks = await _collect(reply)
+    assert _data(chunks[0])["choices"][0]["text"] == " one"
+    assert "refused" in _data(chunks[1])["error"]["message"]
+    assert chunks[2:] == ["data: [DONE]\n\n"]
 
-    prefill, decode = FakeEngine(once=_prefill_answer(list(range(40)))), Refusing()
+
+async def test_client_gone_after_token_one_closes_the_decode_stream():
+    """Closing the decode stream after its Head is what releases prefill's blocks
+    (app.engine_protocol.stream_after_head)."""
+    prefill, decode = FakeEngine(once=_prefill_answer(list(range(40)))), FakeEngine()
     reply = await _fast(decode, prefill).handle("completion", FakeCompletion(stream=True))
-    assert len(decode.requests) == 2 and decode.requests[1].prompt == "hello"
+    first = await anext(reply.chunks)
+    assert _data(first)["choices"][0]["text"] == " one"
+    await asyncio.sleep(0.01)  # decode opened meanwhile
+    await reply.chunks.aclose()
+    assert decode.requests and decode.closed
+
+
+async def test_prompt_with_no_room_after_token_one_takes_the_usual_path():
+    from app.orchestrator import FirstTokenPath
+
+    path = FirstTokenPath(lambda kind, body: FakeRequestModel(**body), "m", 32, 41)
+    prefill, decode = FakeEngine(once=_prefill_answer(list(range(40)))), FakeEngine()
+    orch = PDOrchestrator("disaggregated", decode, prefill, first_token=path)
+    reply = await orch.handle("completion", FakeCompletion(stream=True))
     assert await _collect(reply) == ["data: a\n\n", "data: [DONE]\n\n"]
+    assert decode.requests[0].prompt == "hello"
 
 
 async def test_non_streamed_requests_keep_the_usual_path():
