@@ -202,17 +202,18 @@ class PDOrchestrator:
     async def _after_token_one(self, events: list[str], fmt: Any, cont: Any,
                                timeline: HandoffTimeline | None) -> AsyncIterator[str]:
         """Token 1's events, then decode's continuation rewritten into the client's stream.
-        Decode is asked while token 1 goes out; a client gone before decode starts still
-        gets its prefill blocks released (closing the opened stream does that)."""
-        opening = asyncio.ensure_future(self._open_decode("completion", cont))
-        stream = None
+        Decode is asked once token 1 is handed to the server (starting it earlier would put
+        its request parsing on this event loop ahead of token 1's write); a client gone by
+        then still gets prefill's blocks released (closing the opened stream does that)."""
+        stream, asked = None, False
         try:
             for event in events:
                 yield event
             if timeline is not None:
                 timeline.mark("first_chunk")
+            asked = True
             try:
-                head, stream, rerun = await opening
+                head, stream, rerun = await self._open_decode("completion", cont)
             except Exception as exc:  # noqa: BLE001 - token 1 is out: end the stream cleanly
                 log.warning("decode could not continue after token 1: %s: %s",
                             type(exc).__name__, exc)
@@ -240,10 +241,10 @@ class PDOrchestrator:
                     yield event
             yield DONE
         finally:
-            if stream is None and not opening.cancelled():
+            if not asked:  # gone before decode was asked: open it only to release
                 with contextlib.suppress(BaseException):
-                    _, stream, _ = await opening
-            if stream is not None:  # closing it releases prefill's blocks if never started
+                    _, stream, _ = await self._open_decode("completion", cont)
+            if stream is not None:
                 await stream.aclose()
 
     def _emit_timeline(self, timeline: HandoffTimeline, request_key: str) -> None:

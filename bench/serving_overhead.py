@@ -258,12 +258,18 @@ def checks(results: dict[tuple[str, int], Result]) -> list[tuple[str, str, bool]
     d, a = p50("disaggregated", "ttft"), p50("aggregated", "ttft")
     rows.append(("disaggregated TTFT p50 ≤ aggregated + 10 ms (concurrency 1; issue 11)",
                  f"{fmt(d)} vs {fmt(a)} + 10", d <= a + 10))
-    if ("disaggregated-token1-decode", 1) in results:
+
+    def lowers(stat: str, better: str, worse: str, claim: str, how: str) -> None:
+        """``better`` has a lower ``stat`` p50 than ``worse`` at both concurrencies."""
+        if (worse, 1) not in results:
+            return
         for c in (1, 4):
-            fast = results[("disaggregated", c)].stat("ttft", 50)
-            slow = results[("disaggregated-token1-decode", c)].stat("ttft", 50)
-            rows.append((f"token 1 from prefill lowers disaggregated TTFT p50 (concurrency {c})",
-                         f"{fmt(fast)} vs {fmt(slow)} with token 1 from decode", fast < slow))
+            b, w = results[(better, c)].stat(stat, 50), results[(worse, c)].stat(stat, 50)
+            rows.append((f"{claim} (concurrency {c})", how.format(fmt(b), fmt(w)), b < w))
+
+    lowers("ttft", "disaggregated", "disaggregated-token1-decode",
+           "token 1 from prefill lowers disaggregated TTFT p50",
+           "{} vs {} with token 1 from decode")
     d, h = p50("disaggregated", "ttft"), p50("plain-pd", "ttft")
     rows.append(("disaggregated TTFT p50 ≤ plain P/D + 10 ms", f"{fmt(d)} vs {fmt(h)} + 10",
                  d <= h + 10))
@@ -276,20 +282,12 @@ def checks(results: dict[tuple[str, int], Result]) -> list[tuple[str, str, bool]
         k, d1 = p50("kv-router", "ttft"), p50("disaggregated", "ttft")
         rows.append(("KV router adds ≤ 2 ms TTFT p50 over power_of_two (concurrency 1)",
                      f"{fmt(k)} vs {fmt(d1)} + 2", k <= d1 + 2))
-    spin = results.get(("disaggregated-nixl-spin", 1))
-    if spin is not None:
-        for c in (1, 4):
-            fixed = results[("disaggregated", c)].stat("tpot", 50)
-            spun = results[("disaggregated-nixl-spin", c)].stat("tpot", 50)
-            rows.append((f"NIXL progress delay lowers disaggregated TPOT p50 (concurrency {c})",
-                         f"{fmt(fixed)} with the delay vs {fmt(spun)} busy-polling",
-                         fixed < spun))
-    if ("aggregated-ray-proxy", 1) in results:
-        for c in (1, 4):
-            fast = results[("aggregated", c)].stat("ttft", 50)
-            slow = results[("aggregated-ray-proxy", c)].stat("ttft", 50)
-            rows.append((f"HAProxy + direct ingress lower aggregated TTFT p50 (concurrency {c})",
-                         f"{fmt(fast)} vs {fmt(slow)} through Ray's Python proxy", fast < slow))
+    lowers("tpot", "disaggregated", "disaggregated-nixl-spin",
+           "NIXL progress delay lowers disaggregated TPOT p50",
+           "{} with the delay vs {} busy-polling")
+    lowers("ttft", "aggregated", "aggregated-ray-proxy",
+           "HAProxy + direct ingress lower aggregated TTFT p50",
+           "{} vs {} through Ray's Python proxy")
     return rows
 
 
