@@ -15,9 +15,9 @@ decode samples token 1 itself): a stream, one choice, no logprobs, no stop strin
 back text that may start one), no tools / response formats / structured outputs, no echo,
 no presence or frequency penalty (they count output tokens: token 1 would become a prompt
 token), no bad words, no continuous usage stats. After prefill: token 1 did not finish the
-request, and the prompt does not end on a KV block boundary (one more token would need one
-more block than prefill holds, which vLLM's connector cannot match). Nothing here imports Ray
-or vLLM.
+request and is whole text (not one byte of a longer character), and the prompt does not
+end on a KV block boundary (one more token would need one more block than prefill holds,
+which vLLM's connector cannot match). Nothing here imports Ray or vLLM.
 """
 
 from __future__ import annotations
@@ -97,6 +97,10 @@ class PrefillToken:
         """Why decode cannot continue after this token, or None if it can."""
         if self.finish_reason not in (None, "length"):
             return f"token 1 finished the request ({self.finish_reason})"
+        if not self.text or "\ufffd" in self.text:
+            # A byte of a longer UTF-8 character (or a special token): vLLM's detokenizer,
+            # primed on a prompt ending mid-character, emits the prompt's text (measured).
+            return "token 1 is not whole text"
         if block_size > 0 and len(self.prompt_ids) % block_size == 0:
             return "prompt ends on a KV block boundary"
         if max_model_len and len(self.prompt_ids) + 1 >= max_model_len:

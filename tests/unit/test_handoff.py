@@ -72,6 +72,9 @@ def test_decode_cannot_continue_after_eos_or_on_a_block_boundary():
     assert aligned.continues(block_size=32) == "prompt ends on a KV block boundary"
     eos = PrefillToken("c", 1, "m", list(range(40)), 2, "", "stop")
     assert "finished the request" in eos.continues(block_size=32)
+    for partial in ("", "\ufffd", "a\ufffd"):  # one byte of a longer UTF-8 character
+        byte = PrefillToken("c", 1, "m", list(range(40)), 147, partial, "length")
+        assert byte.continues(block_size=32) == "token 1 is not whole text"
 
 
 def test_continuation_is_prompt_ids_plus_token_one_with_the_kv_params():
