@@ -10,7 +10,9 @@ the same deployment:
   request continues on a peer as a completion of that token sequence; its chunks are
   rewritten into the original stream (same id, chat or completion format, one final
   ``usage`` counting the original prompt and every generated token). Greedy decoding gives
-  the tokens an unbroken run gives.
+  the tokens an unbroken run gives. A stream lost in the middle of a multi-byte character
+  (its last tokens are UTF-8 bytes whose text vLLM held back) continues after the last
+  token whose text was sent; the peer regenerates the rest, and their ids are not repeated.
 
 Up to ``max_migrations`` hand-overs per request, then a clean error event and ``[DONE]``.
 Not migrated (a clean error instead): ``n > 1``, beam search, tool calls, stop strings
@@ -49,16 +51,25 @@ _SAMPLING_FIELDS = (
 
 class EngineLost(Exception):
     """This replica's engine died while serving the request: ``prompt_ids`` and the
-    ``generated_ids`` already sent to the client let a peer continue it."""
+    ``generated_ids`` already sent to the client let a peer continue it. The client has the
+    text of the first ``whole`` of them; the text of the rest (bytes of a UTF-8 character not
+    yet complete) was held back by vLLM's detokenizer."""
 
     def __init__(self, prompt_ids: list[int] | None = None,
-                 generated_ids: list[int] | None = None):
+                 generated_ids: list[int] | None = None, whole: int | None = None):
         super().__init__("engine died while serving the request")
         self.prompt_ids = list(prompt_ids or [])
         self.generated_ids = list(generated_ids or [])
+        self.whole = len(self.generated_ids) if whole is None else whole
 
     def __reduce__(self):  # crosses Ray as itself, not as a bare Exception
-        return (EngineLost, (self.prompt_ids, self.generated_ids))
+        return (EngineLost, (self.prompt_ids, self.generated_ids, self.whole))
+
+
+def text_is_whole(text: str | None) -> bool:
+    """Whether a chunk's text ends on a whole character: vLLM's detokenizer holds back a
+    token that is one byte of a longer UTF-8 character (empty text, or U+FFFD)."""
+    return bool(text) and not text.endswith("\ufffd")
 
 
 class TokenLedger:
@@ -69,14 +80,15 @@ class TokenLedger:
     migration reads it then)."""
 
     def __init__(self) -> None:
-        self._live: dict[str, list] = {}  # engine request id -> [prompt ids, generated ids]
+        # engine request id -> [prompt ids, generated ids, tokens with whole text, text length]
+        self._live: dict[str, list] = {}
 
     def wrap(self, generate: Callable[..., AsyncIterator[Any]],
              is_delta: Callable[[Any], bool]) -> Callable[..., AsyncIterator[Any]]:
         live = self._live
 
         async def recording(prompt, sampling_params, request_id, *args, **kwargs):
-            entry = live[request_id] = [None, []]
+            entry = live[request_id] = [None, [], 0, 0]
             delta = is_delta(sampling_params)
             failed = False
             try:
@@ -86,11 +98,7 @@ class TokenLedger:
                         entry[0] = list(getattr(out, "prompt_token_ids", None) or [])
                     outputs = getattr(out, "outputs", None)
                     if outputs:
-                        ids = outputs[0].token_ids
-                        if delta:
-                            entry[1].extend(ids)
-                        else:
-                            entry[1] = list(ids)
+                        _record(entry, outputs[0], delta)
                     yield out
             except Exception:
                 failed = True
@@ -101,18 +109,31 @@ class TokenLedger:
 
         return recording
 
-    def take(self, request_key: str) -> tuple[list[int], list[int]] | None:
-        """(prompt ids, generated ids) of the request whose client-level id is
-        ``request_key`` (vLLM's engine id for it: ``cmpl-<id>-0`` or ``chatcmpl-<id>``),
-        removing it."""
+    def take(self, request_key: str) -> tuple[list[int], list[int], int] | None:
+        """(prompt ids, generated ids, how many of those have their text sent) of the
+        request whose client-level id is ``request_key`` (vLLM's engine id for it:
+        ``cmpl-<id>-0`` or ``chatcmpl-<id>``), removing it."""
         for rid in engine_ids(request_key):
             entry = self._live.pop(rid, None)
             if entry is not None:
-                return list(entry[0] or []), list(entry[1])
+                return list(entry[0] or []), list(entry[1]), entry[2]
         return None
 
     def __len__(self) -> int:
         return len(self._live)
+
+
+def _record(entry: list, output: Any, delta: bool) -> None:
+    text = getattr(output, "text", None)
+    if delta:
+        entry[1].extend(output.token_ids)
+        new_text = text
+    else:  # cumulative outputs: ids and text so far
+        entry[1] = list(output.token_ids)
+        new_text = (text or "")[entry[3]:]
+        entry[3] = len(text or "")
+    if text is None or text_is_whole(new_text):
+        entry[2] = len(entry[1])
 
 
 def engine_ids(request_key: str) -> tuple[str, ...]:
@@ -156,8 +177,12 @@ class ContinuationFormatter:
 
     def __init__(self, kind: str, original: dict[str, Any] | None, model: str,
                  prompt_tokens: int, generated_before: int, include_usage: bool,
-                 token_ids: bool = False):
+                 token_ids: bool = False, resent: int = 0):
+        """``resent``: how many of the continuation's first token ids the client already
+        has (tokens regenerated because their text had not been sent): left out of the
+        ``token_ids`` it is given again."""
         original = original or {}
+        self.resent = resent
         self.token_ids = token_ids  # the client asked for return_token_ids
         self.kind, self.model = kind, original.get("model", model)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
@@ -192,12 +217,20 @@ class ContinuationFormatter:
                         "logprobs": c.get("logprobs"), "finish_reason": c.get("finish_reason"),
                         "stop_reason": c.get("stop_reason")}
             if self.token_ids:
-                item["token_ids"] = c.get("token_ids") or []
+                ids = c.get("token_ids") or []
+                skip = min(self.resent, len(ids))
+                self.resent -= skip
+                item["token_ids"] = ids[skip:]
             converted.append(item)
         out = self.envelope(converted)
         if data.get("usage") and self.include_usage:  # continuous_usage_stats
             out["usage"] = self.usage(data["usage"])
         return sse_event(out), new_ids
+
+    def role_chunk(self) -> dict[str, Any]:
+        """A chat stream's first chunk, as vLLM sends it: the assistant role, no text."""
+        return self.envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                               "logprobs": None, "finish_reason": None}])
 
     def envelope(self, choices: list) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
@@ -312,20 +345,23 @@ class Migrator:
     async def _continue(self, kind: str, body: dict[str, Any], lost: EngineLost,
                         original: dict[str, Any] | None) -> AsyncIterator[str]:
         prompt, generated = lost.prompt_ids, list(lost.generated_ids)
+        # The peer continues after the tokens whose text the client has: continuing after a
+        # byte of an unfinished UTF-8 character would make its detokenizer, primed on a
+        # prompt ending mid-character, emit text of the prompt (measured with token 1).
+        whole = lost.whole
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         migrations, attempts = 0, 0
         if kind == "chat" and original is None:  # nothing sent: the role chunk first
             role = ContinuationFormatter(kind, None, self.model, 0, 0, False)
             original = {"id": role.id, "created": role.created, "model": role.model}
-            yield sse_event(role.envelope([{"index": 0,
-                                            "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]))
+            yield sse_event(role.role_chunk())
         while migrations < self.max_migrations and attempts < self.max_attempts:
             attempts += 1
+            sent, generated = generated, generated[:whole]  # sent: the ids the client has
             cont = continuation_body(kind, body, prompt, generated, self.model)
             fmt = ContinuationFormatter(kind, original, self.model, len(prompt),
                                         len(generated), include_usage,
-                                        bool(body.get("return_token_ids")))
+                                        bool(body.get("return_token_ids")), len(sent) - whole)
             stream = self.peer("completion", self.to_request("completion", cont))
             produced = False
             try:
@@ -342,6 +378,8 @@ class Migrator:
                     generated += ids
                     if ids:
                         produced = True
+                        if any(text_is_whole(c.get("text")) for c in data["choices"]):
+                            whole = len(generated)
                     if event is not None:
                         yield event
                 yield DONE
@@ -357,6 +395,7 @@ class Migrator:
                 await asyncio.sleep(self.retry_delay_s * min(attempts, 4))
             finally:
                 await _close(stream)
+            generated += sent[len(generated):]
         self.observer.migration("failed")
         yield error_event("the engine serving this request failed and no other replica "
                           "could continue it; retry the request")

@@ -132,8 +132,7 @@ def first_chunks(kind: str, body: dict[str, Any], first: PrefillToken,
     """The SSE events that carry token 1, shaped as vLLM's own first chunks."""
     token_ids = bool(body.get("return_token_ids"))
     if kind == "chat":
-        role = fmt.envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                               "logprobs": None, "finish_reason": None}])
+        role = fmt.role_chunk()
         if token_ids:
             role["prompt_token_ids"] = first.prompt_ids
         item: dict[str, Any] = {"index": 0, "delta": {"content": first.text},

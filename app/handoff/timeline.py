@@ -17,24 +17,22 @@ from typing import Any
 
 # Stage name -> (start mark, end mark), in request order. A stage is missing when a mark is.
 STAGES: dict[str, tuple[str, str]] = {
+    # front -> Ray handle -> prefill replica -> vLLM frontend -> engine core
     "to_prefill_engine": ("received", "prefill_queued"),
+    # waiting in the prefill scheduler
     "prefill_queue": ("prefill_queued", "prefill_scheduled"),
+    # prefill forward pass(es) and sampling of token 1
     "prefill_compute": ("prefill_scheduled", "prefill_first_token"),
+    # prefill output back through vLLM's serving layer and Ray to the front
     "prefill_reply": ("prefill_first_token", "prefill_returned"),
+    # decode request built, through vLLM's frontend into the scheduler
     "decode_admission": ("prefill_returned", "decode_queued"),
+    # NIXL handshake/READ/notification, until the scheduler runs the request
     "kv_wait": ("decode_queued", "decode_scheduled"),
+    # decode forward pass computing the missing token(s)
     "decode_first_step": ("decode_scheduled", "decode_first_token"),
+    # decode output through vLLM's serving layer to the front
     "to_socket": ("decode_first_token", "decode_first_chunk"),
-}
-STAGE_HELP = {
-    "to_prefill_engine": "front -> Ray handle -> prefill replica -> vLLM frontend -> engine core",
-    "prefill_queue": "waiting in the prefill scheduler",
-    "prefill_compute": "prefill forward pass(es) and sampling of token 1",
-    "prefill_reply": "prefill output back through vLLM's serving layer and Ray to the front",
-    "decode_admission": "decode request built, through vLLM's frontend into the scheduler",
-    "kv_wait": "NIXL handshake/READ/notification, until the scheduler runs the request",
-    "decode_first_step": "decode forward pass computing the missing token(s)",
-    "to_socket": "decode output through vLLM's serving layer to the front",
 }
 ENGINE_MARKS = ("queued", "scheduled", "first_token")
 

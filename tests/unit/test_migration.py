@@ -27,6 +27,7 @@ from app.migration import (
 @dataclass
 class Out:
     token_ids: list[int]
+    text: str | None = None  # None: an engine output without detokenized text
 
 
 @dataclass
@@ -66,7 +67,7 @@ def test_ledger_forgets_finished_requests_and_keeps_failed_ones():
     assert len(ledger) == 0
     gen = ledger.wrap(_engine([[10], [11, 12], [13]], fail_after=2), lambda p: p.delta)
     asyncio.run(_drain(gen("p", Params(), "cmpl-xyz-0")))
-    assert ledger.take("xyz") == ([1, 2, 3], [10, 11, 12])
+    assert ledger.take("xyz") == ([1, 2, 3], [10, 11, 12], 3)
     assert ledger.take("xyz") is None and len(ledger) == 0
 
 
@@ -80,7 +81,7 @@ def test_ledger_cumulative_outputs_replace():
         await anext(it)
         return ledger.take("r1")
 
-    assert asyncio.run(first_two()) == ([1, 2, 3], [10, 11])
+    assert asyncio.run(first_two()) == ([1, 2, 3], [10, 11], 2)
 
 
 def test_ledger_drops_cancelled_requests():
@@ -94,6 +95,31 @@ def test_ledger_drops_cancelled_requests():
 
     asyncio.run(leave_early())
     assert len(ledger) == 0
+
+
+def test_ledger_counts_only_tokens_whose_text_was_sent():
+    """vLLM's detokenizer holds back a token that is one byte of a longer UTF-8 character
+    (empty text, or U+FFFD): such trailing tokens are not "whole"."""
+    async def generate(prompt, params, request_id, **kw):
+        for ids, text in ([10], "a"), ([11], ""), ([12], "\ufffd"):
+            yield ReqOut([1], [Out(ids, text)])
+        raise RuntimeError("EngineDeadError")
+
+    ledger = TokenLedger()
+    asyncio.run(_drain(ledger.wrap(generate, lambda p: True)("p", Params(), "r")))
+    assert ledger.take("r") == ([1], [10, 11, 12], 1)
+
+
+def test_ledger_whole_text_from_cumulative_outputs():
+    async def generate(prompt, params, request_id, **kw):
+        for ids, text in ([10], "a"), ([10, 11], "a"), ([10, 11, 12], "a\u00e9"), \
+                ([10, 11, 12, 13], "a\u00e9"):
+            yield ReqOut([1], [Out(ids, text)])
+        raise RuntimeError("EngineDeadError")
+
+    ledger = TokenLedger()
+    asyncio.run(_drain(ledger.wrap(generate, lambda p: False)("p", Params(False), "r")))
+    assert ledger.take("r") == ([1], [10, 11, 12, 13], 3)
 
 
 # --- continuation requests and chunk rewriting ----------------------------------------------
@@ -236,6 +262,37 @@ def test_stream_continues_on_a_peer_with_one_usage_and_done():
     assert kind == "completion" and cont["prompt"] == [1, 2, 20] and cont["max_tokens"] == 2
 
 
+def test_stream_lost_mid_character_continues_after_its_last_whole_text():
+    """Tokens 21 and 22 are the two bytes of one character: the client got their ids but
+    no text. The peer continues after token 20, regenerates them with their text, and the
+    client gets each token id once."""
+    peers = Peers([[_sse(_chunk("\u00e9", [21, 22])), _sse(_chunk(" c", [23], "length")),
+                    _sse({"choices": [], "usage": {"prompt_tokens": 3,
+                                                   "completion_tokens": 3}}), DONE]])
+    req = Request({"max_tokens": 4, "return_token_ids": True,
+                   "stream_options": {"include_usage": True}})
+    out = _run(_migrator(peers).guard("completion", req, _local(
+        [_sse(ORIG)], EngineLost([1, 2], [20, 21, 22], whole=1))))
+    events = [parse_event(c) for c in out[1:-1]]
+    assert peers.calls[0][1]["prompt"] == [1, 2, 20] and peers.calls[0][1]["max_tokens"] == 3
+    assert [e["choices"][0]["text"] for e in events[:2]] == ["\u00e9", " c"]
+    assert [e["choices"][0]["token_ids"] for e in events[:2]] == [[], [23]]
+    assert events[2]["usage"]["completion_tokens"] == 4
+
+
+def test_peer_dying_mid_character_is_continued_from_the_last_whole_text_again():
+    peers = Peers([[_sse(_chunk("", [21])), RuntimeError("peer died")],
+                   [_sse(_chunk("\u00e9", [21, 22])), _sse(_chunk(" c", [23], "length")),
+                    DONE]])
+    out = _run(_migrator(peers).guard(
+        "completion", Request({"max_tokens": 4, "return_token_ids": True}),
+        _local([_sse(ORIG)], EngineLost([1], [20, 21, 22], whole=1))))
+    assert peers.calls[1][1]["prompt"] == [1, 20]
+    texts = [parse_event(c)["choices"][0]["text"] for c in out[1:-1]]
+    ids = [parse_event(c)["choices"][0]["token_ids"] for c in out[1:-1]]
+    assert "".join(texts) == "\u00e9 c" and sum(ids, []) == [23]
+
+
 def test_peer_dying_mid_continuation_is_continued_again_from_all_tokens():
     peers = Peers([[_sse(_chunk(" b", [21])), RuntimeError("peer died")],
                    [_sse(_chunk(" c", [22], "length")), DONE]])
@@ -290,9 +347,9 @@ def test_request_the_engine_never_saw_is_rerun_whole():
 def test_engine_lost_pickles_with_its_tokens():
     import pickle
 
-    lost = pickle.loads(pickle.dumps(EngineLost([1, 2], [3])))
+    lost = pickle.loads(pickle.dumps(EngineLost([1, 2], [3, 4], whole=1)))
     assert isinstance(lost, EngineLost) and lost.prompt_ids == [1, 2]
-    assert lost.generated_ids == [3]
+    assert lost.generated_ids == [3, 4] and lost.whole == 1
 
 
 @pytest.mark.parametrize("chunk", ["data: [DONE]\n\n", ": ping\n\n", "data: {bad"])
