@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import functools
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from http import HTTPStatus
@@ -120,6 +121,8 @@ class EngineHost:
         serving = self._chat if kind == "chat" else self._completion
         create = serving.create_chat_completion if kind == "chat" else serving.create_completion
         key = getattr(request, "request_id", None) or ""
+        if self.stamps is not None and key:
+            self.stamps.note(key, {"replica_in": time.monotonic()})
         try:
             result = await create(request)
         except Exception as exc:  # noqa: BLE001 - vLLM raises typed errors; map them to HTTP
@@ -134,7 +137,8 @@ class EngineHost:
         if not hasattr(result, "__aiter__"):  # a whole CompletionResponse/ChatCompletionResponse
             body = result.model_dump()
             if self.stamps is not None and body.get("kv_transfer_params"):  # a prefill leg
-                body["pd_engine_stamps"] = self.engine_stamps(key)
+                body["pd_engine_stamps"] = self.engine_stamps(key) | {
+                    "replica_out": time.monotonic()}
             yield Head(KIND_JSON, 200, body)
             return
         release = functools.partial(self._release_remote_prefill, request)

@@ -40,7 +40,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.handoff.timeline import STAGES, median_stages  # noqa: E402
+from app.handoff.timeline import DETAIL_STAGES, STAGES, median_stages  # noqa: E402
 from app.ports import free_port  # noqa: E402
 from loadtests.envinfo import hardware, hardware_line  # noqa: E402
 from loadtests.mdsection import update_file  # noqa: E402
@@ -302,6 +302,14 @@ def markdown(args, command: str, tiny: dict[str, Point], small: dict[str, dict[s
             + " | ".join(fmt(med.get(s)) for s in STAGES)
             + f" | {fmt(med.get('first_chunk_ms'))} | {fmt(med.get('decode_first_chunk_ms'))}"
             f" | {len(point.streams)} |")
+    lines += ["", "Prefill side in detail (the prefill replica's own marks: Ray hop vs vLLM "
+              "frontend):", "",
+              "| setup | " + " | ".join(DETAIL_STAGES) + " |",
+              "|---|" + "---|" * len(DETAIL_STAGES)]
+    for label, point in tiny.items():
+        med = median_stages(point.timelines)
+        lines.append(f"| {label} | " + " | ".join(fmt(med.get(s)) for s in DETAIL_STAGES)
+                     + " |")
     lines += ["", "![handoff timeline](img/handoff_timeline.png)", "",
               "### Small model: KV bytes and bandwidth in the request path, bf16 vs FP8 KV",
               "",

@@ -34,6 +34,15 @@ STAGES: dict[str, tuple[str, str]] = {
     # decode output through vLLM's serving layer to the front
     "to_socket": ("decode_first_token", "decode_first_chunk"),
 }
+# Finer cuts of the two prefill-side stages, from marks the prefill replica adds (its entry,
+# vLLM's serving layer calling the engine, its answer built): Ray hop vs vLLM frontend.
+DETAIL_STAGES: dict[str, tuple[str, str]] = {
+    "to_prefill_replica": ("received", "prefill_replica_in"),
+    "prefill_frontend": ("prefill_replica_in", "prefill_generate_in"),
+    "to_prefill_core": ("prefill_generate_in", "prefill_queued"),
+    "prefill_response": ("prefill_first_token", "prefill_replica_out"),
+    "from_prefill_replica": ("prefill_replica_out", "prefill_returned"),
+}
 ENGINE_MARKS = ("queued", "scheduled", "first_token")
 
 
@@ -68,7 +77,8 @@ class HandoffTimeline:
     def stages_ms(self) -> dict[str, float]:
         m = self.marks
         out = {name: round((m[end] - m[start]) * 1e3, 3)
-               for name, (start, end) in STAGES.items() if start in m and end in m}
+               for name, (start, end) in (STAGES | DETAIL_STAGES).items()
+               if start in m and end in m}
         if "received" in m and "first_chunk" in m:
             out["first_chunk_ms"] = round((m["first_chunk"] - m["received"]) * 1e3, 3)
         if "received" in m and "decode_first_chunk" in m:
@@ -128,6 +138,7 @@ class EngineStampBook:
         book = self
 
         async def recording(prompt, sampling_params, request_id, *args, **kwargs):
+            book.note(request_id, {"generate_in": time.monotonic()})
             async for out in generate(prompt, sampling_params, request_id, *args, **kwargs):
                 metrics = getattr(out, "metrics", None)
                 if metrics is not None:
@@ -144,8 +155,9 @@ class EngineStampBook:
             del self._stamps[next(iter(self._stamps))]
 
     def lookup(self, ids: Iterable[str]) -> dict[str, float]:
-        """The marks of the first of ``ids`` (vLLM's id variants of one request) known."""
+        """The marks noted under any of ``ids`` (vLLM's id variants of one request)."""
+        out: dict[str, float] = {}
         for rid in ids:
-            if rid in self._stamps:
-                return dict(self._stamps[rid])
-        return {}
+            for name, value in self._stamps.get(rid, {}).items():
+                out.setdefault(name, value)
+        return out

@@ -1,6 +1,7 @@
 """The handoff's pure parts: the first-token fast path's rules and chunks, the timeline."""
 
 import json
+import time
 
 import pytest
 
@@ -162,5 +163,23 @@ async def test_stamp_book_keeps_first_marks_of_each_request_bounded():
     wrapped = book.wrap(generate)
     for rid in ("cmpl-a-0", "cmpl-b-0", "cmpl-c-0"):
         assert len([o async for o in wrapped("p", None, rid)]) == 2
-    assert book.lookup(["cmpl-c-0"]) == {"queued": 1.0, "scheduled": 2.0, "first_token": 3.0}
+    stamps = book.lookup(["cmpl-c-0"])
+    assert stamps.pop("generate_in") <= time.monotonic()
+    assert stamps == {"queued": 1.0, "scheduled": 2.0, "first_token": 3.0}
     assert book.lookup(["cmpl-a-0", "a"]) == {}  # the oldest went
+    book.note("c", {"replica_in": 0.5})  # the replica's mark, under the client-level id
+    assert book.lookup(["cmpl-c-0", "c"])["replica_in"] == 0.5
+
+
+def test_detail_stages_split_the_prefill_side():
+    t = HandoffTimeline()
+    t.mark("received", 1.000)
+    t.engine("prefill", {"replica_in": 1.002, "generate_in": 1.003, "queued": 1.004,
+                         "first_token": 1.020, "replica_out": 1.022})
+    t.mark("prefill_returned", 1.025)
+    stages = t.stages_ms()
+    assert stages["to_prefill_engine"] == pytest.approx(4.0)
+    assert [stages[s] for s in ("to_prefill_replica", "prefill_frontend", "to_prefill_core")] \
+        == pytest.approx([2.0, 1.0, 1.0])
+    assert stages["prefill_reply"] == pytest.approx(
+        stages["prefill_response"] + stages["from_prefill_replica"])
