@@ -13,6 +13,10 @@ import socket
 # failed and its engine hung). Above Ray's worker ports (10002-19999), below Ray Serve's
 # direct-ingress HTTP ports (30000+).
 LISTEN_RANGE = (20000, 30000)
+# Ports this process has handed out: each is bound later, so a second pick would find it
+# still free (seen: a decode replica gave its KV-event publisher the port it had given its
+# NIXL side channel; the side channel's bind failed and the engine hung at start).
+_handed_out: set[int] = set()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -25,16 +29,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def listen_port(host: str = "0.0.0.0", rng: random.Random | None = None,
                 tries: int = 200) -> int:
-    """A port for a listener bound later by someone else: free now and outside the
-    ephemeral range (see ``LISTEN_RANGE``)."""
+    """A port for a listener bound later by someone else: free now, outside the ephemeral
+    range (see ``LISTEN_RANGE``), and never handed out before by this process."""
     rng = rng or random.SystemRandom()
     lo, hi = LISTEN_RANGE
     for _ in range(tries):
         port = rng.randrange(lo, hi)
+        if port in _handed_out:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind((host, port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     return free_port(host)

@@ -69,3 +69,14 @@ def test_listen_port_is_free_and_outside_the_ephemeral_range():
     for p in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", p))  # free: binds
+
+
+def test_listen_port_never_hands_out_a_port_twice_in_one_process():
+    """Two listeners of one replica (NIXL side channel, KV events) bind later: the second
+    pick must not return the first's port, which is still free until then."""
+    import random
+
+    from app.ports import listen_port
+
+    first = listen_port("127.0.0.1", random.Random(7))
+    assert listen_port("127.0.0.1", random.Random(7)) != first  # same draws: skipped
