@@ -4,8 +4,10 @@ Three kinds, one per role:
 
 - :class:`PrefillReplica`: each step packs queued prompts FCFS into at most
   ``max_num_batched_tokens`` prompt tokens and ``max_num_seqs`` prompts (a long prompt is
-  chunked over several steps); the step takes ``profile.pd_prefill_ms(tokens in the step,
-  decode busy share)`` (``prefill_ms`` unless the profile measured host sharing).
+  chunked over several steps); the step takes ``profile.pd_prefill_ms(the step's chunks,
+  decode busy share)``: the lone-prompt latency at the step's tokens, cheaper for several
+  short prompts and dearer for a long prompt's later chunks (``Profile.prefill_step_ms``),
+  slowed while decode shares the host if the profile measured that.
 - :class:`DecodeReplica`: admits handed-off sequences FCFS while it holds fewer than
   ``max_num_seqs`` and their KV fits ``kv.capacity_tokens``; every step produces one token for
   every running sequence in ``profile.pd_itl_ms(batch, mean context, prefill busy share)``
@@ -176,7 +178,8 @@ class PrefillReplica(Replica):
             budget -= take
             tokens += take
         self.in_step = len(batch)
-        ms = p.pd_prefill_ms(tokens, self.decode_busy())
+        chunks = [(take, item[0].prompt - item[1]) for item, take in batch]
+        ms = p.pd_prefill_ms(chunks, self.decode_busy())
         self.loop.after(ms / 1e3, self._end_step, batch, tokens)
 
     def _end_step(self, batch: list, tokens: int) -> None:
@@ -313,12 +316,15 @@ class DecodeReplica(_Decoding):
 
 
 def mixed_step_ms(profile: Profile, prefill_tokens: int, decode_batch: int,
-                  mean_context: float) -> float:
-    """One chunked-prefill step: the prompt chunk's time plus the decode batch's, sharing
-    one pass over the weights (the smaller of the two single-sequence costs is paid once)."""
+                  mean_context: float, chunks: list[tuple[float, float]] | None = None
+                  ) -> float:
+    """One chunked-prefill step: the prompt chunks' time plus the decode batch's, sharing
+    one pass over the weights (the smaller of the two single-sequence costs is paid once).
+    ``chunks``: the prompt chunks as in ``Profile.prefill_step_ms`` (default: one fresh
+    prompt of ``prefill_tokens``)."""
     if prefill_tokens <= 0:
         return profile.itl_ms(decode_batch, mean_context)
-    pre = profile.prefill_ms(prefill_tokens)
+    pre = profile.prefill_step_ms(chunks or [(prefill_tokens, 0)])
     if decode_batch <= 0:
         return pre
     dec = profile.itl_ms(decode_batch, mean_context)
@@ -376,7 +382,8 @@ class AggregatedReplica(_Decoding):
             return
         self.in_step = len(batch)
         ctx = self.kv_tokens / decoding if decoding else 0.0
-        ms = mixed_step_ms(p, tokens, decoding, ctx)
+        chunks = [(take, item[0].prompt - item[1]) for item, take in batch]
+        ms = mixed_step_ms(p, tokens, decoding, ctx, chunks)
         self.loop.after(ms / 1e3, self._end_step, batch, tokens, decoding, ms)
 
     def _end_step(self, batch: list, tokens: int, decoding: int, ms: float) -> None:

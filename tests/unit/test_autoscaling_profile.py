@@ -309,3 +309,49 @@ def test_show_prints_the_key_figures(capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["max_num_batched_tokens"] == 8192
     assert shown["prefill_tokens_per_s"] > 40_000
+
+
+def _step_profile(points: list[tuple[int, int]]) -> Profile:
+    """Prefill points whose attention share is T / (T + 1000) of a lone step of T tokens:
+    k prompts of T/k tokens cost lone(T) x (1 - share x (1 - 1/k))."""
+    def lone(tokens: int) -> float:
+        return 10 + 0.5 * tokens
+
+    def ms(tokens: int, batch: int) -> float:
+        share = tokens / (tokens + 1000)
+        return lone(tokens) * (1 - share * (1 - 1 / batch))
+    base = json.loads((PROFILE_DIR / "cpu-small-llama.json").read_text())
+    base["prefill"] = [{"tokens": t, "batch": b, "ms": ms(t, b)} for t, b in points]
+    return Profile.model_validate(base)
+
+
+def test_prefill_step_model_prices_batches_and_later_chunks():
+    lone = [(64, 1), (256, 1), (512, 1), (1024, 1), (2040, 1)]
+    p = _step_profile(lone + [(1024, 4), (2040, 8)])
+    assert p.attention_t0 == pytest.approx(1000)
+    # A lone fresh prompt is the measured curve itself.
+    assert p.prefill_step_ms([(1024, 0)]) == pytest.approx(p.prefill_ms(1024))
+    # Four 256-token prompts: attention, 1024/2024 of the lone step, shrinks to a quarter.
+    share = 1024 / 2024
+    assert p.prefill_step_ms([(256, 0)] * 4) == pytest.approx(
+        p.prefill_ms(1024) * (1 - share * 0.75))
+    # A long prompt's second chunk attends to the first: dearer than a fresh one (3x the
+    # attention work).
+    assert p.prefill_step_ms([(1024, 1024)]) == pytest.approx(
+        p.prefill_ms(1024) * (1 + 2 * share))
+    assert p.pd_prefill_ms([(256, 0)] * 4, 0.0) == pytest.approx(
+        p.prefill_step_ms([(256, 0)] * 4))
+    # Without batched points the curve at the step's total is used.
+    q = _step_profile(lone)
+    assert q.attention_t0 is None
+    assert q.prefill_step_ms([(256, 0)] * 4) == pytest.approx(q.prefill_ms(1024))
+
+
+@pytest.mark.parametrize("name, tolerance", [
+    ("cpu-small-llama", 0.12), ("cpu-tiny-llama", 0.15),  # measured here: noisy steps
+    ("h100-llama-3.1-8b", 0.05), ("l40s-llama-3.1-8b", 0.05), ("b200-llama-3.1-8b", 0.05)])
+def test_committed_profiles_batched_points_follow_the_step_model(name, tolerance):
+    p = Profile.load(name)
+    for pt in p.prefill:
+        chunks = [(pt.tokens / pt.batch, 0.0)] * pt.batch
+        assert p.prefill_step_ms(chunks) == pytest.approx(pt.ms, rel=tolerance), pt
