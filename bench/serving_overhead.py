@@ -191,6 +191,10 @@ def app_serve_config(args, mode: str, port: int, nixl_delay_us: int,
     }
     if policy == "kv":  # same path as power_of_two (always remote prefill), plus the router
         app_args["routing"].update(local_prefill_max_tokens=0, advertise_host=HOST)
+    for item in args.set:
+        path, _, value = item.partition("=")
+        section, _, key = path.partition(".")
+        app_args.setdefault(section, {})[key] = json.loads(value)
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": HOST, "port": port},
@@ -351,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     parser.add_argument("--no-docs", action="store_true", help="print only")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
+                        help="override an app setting in every app setup (experiments), e.g. "
+                        "--set 'routing.bind_host=\"*\"'")
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(raw)
     command = shlex.join(["python", "bench/serving_overhead.py", *raw])
