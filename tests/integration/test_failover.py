@@ -22,6 +22,7 @@ import time
 import httpx
 import pytest
 
+from app.serve_env import REPLAY_RETRY_ON, RETRY_ON_ENV
 from tests.integration.actors import alive_replicas
 from tests.integration.serve_harness import (
     MODEL_NAME,
@@ -54,6 +55,10 @@ def prompt(i: int) -> str:
 
 @pytest.fixture(scope="module")
 def base():
+    # Opt-in HAProxy replays (app/serve_env.py): a killed decode replica process's unanswered
+    # requests are replayed (test_decode_replica_process_killed_unanswered_requests_replayed).
+    before = os.environ.get(RETRY_ON_ENV)
+    os.environ[RETRY_ON_ENV] = REPLAY_RETRY_ON
     port = start_serve(num_cpus=6)
     try:
         # Every prompt prefilled remotely (local_prefill_max_tokens 0): the P/D path, with
@@ -69,6 +74,10 @@ def base():
         yield url
     finally:
         stop_serve()
+        if before is None:  # start_serve put it in this process's environment
+            os.environ.pop(RETRY_ON_ENV, None)
+        else:
+            os.environ[RETRY_ON_ENV] = before
 
 
 def _router_state() -> dict:
@@ -372,7 +381,7 @@ def test_decode_replica_process_killed_unanswered_requests_replayed(base, refere
     """The whole decode replica process dies (OOM kill, node loss), not just its engine:
     its HTTP connections die with it. Requests it had not begun answering (here: >= 5
     non-streamed completions in flight on it) reach HAProxy as an empty response and are
-    replayed on the other replica (`retry-on empty-response`, app/serve_env.py): all
+    replayed on the other replica (opt-in `retry-on empty-response`, app/serve_env.py): all
     complete with the unbroken run's text. (A stream already under way cannot survive the
     death of the process holding its socket; see README, Failover.)"""
     engine_pids = {r: [int(p) for p in s["affinity"]]
