@@ -336,4 +336,7 @@ def _point_line(load_kind: str, load: float | None, s: dict[str, Any]) -> str:
         f"{s['request_throughput']:.2f} req/s; TTFT p50/p99 {ms('p50_ttft_ms')}/"
         f"{ms('p99_ttft_ms')} ms; TPOT p50/p99 {ms('p50_tpot_ms')}/{ms('p99_tpot_ms')} ms"
         + (f"; SLO attainment {att:.1%}" if att is not None else "")
+        + (f"; [yellow]client late on {s['late_sends']} sends (up to "
+           f"{s['max_send_lag_ms']:.0f} ms): the load generator fell behind[/]"
+           if s.get("late_sends") else "")
     )

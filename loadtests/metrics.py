@@ -243,6 +243,18 @@ def peak_output_tokens_per_s(records: Sequence[RequestRecord]) -> float:
     return float(max(buckets.values()))
 
 
+LATE_SEND_S = 0.1  # a send this much after its arrival time means the client fell behind
+
+
+def send_lags(records: Sequence[RequestRecord]) -> list[float]:
+    """Seconds each open-loop request was sent after its arrival time, not counting a wait
+    for a ``--max-concurrency`` slot. Above a few ms the load generator itself fell behind
+    (starved of CPU on a shared machine, measured: up to 2.9 s on 2 cores): the arrivals
+    were burstier than asked, and its reads of the streams were late too."""
+    return [max(r.start_time - r.scheduled_time - r.queue_time, 0.0)
+            for r in records if r.scheduled_time is not None]
+
+
 def summarize(
     records: Sequence[RequestRecord],
     duration: float,
@@ -287,4 +299,8 @@ def summarize(
         if getattr(slo, f"{metric}_ms") is not None:
             out[f"{metric}_attainment"] = attainment(records, slo.only(metric))
     out["error_counts"] = dict(Counter(error_kind(r.error) for r in failed).most_common())
+    lags = send_lags(records)
+    if lags:
+        out["max_send_lag_ms"] = max(lags) * 1e3
+        out["late_sends"] = sum(1 for lag in lags if lag > LATE_SEND_S)
     return out

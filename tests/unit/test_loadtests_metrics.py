@@ -202,3 +202,17 @@ def test_concurrency_and_peak_tokens() -> None:
     assert max_concurrency([a, b, c]) == 2
     # token times: a 0.1, 0.3, 0.5; b 0.3, 0.4; c 1.1 -> 5 in second 0, 1 in second 1
     assert peak_output_tokens_per_s([a, b, c]) == 5.0
+
+
+def test_send_lag_shows_a_load_generator_that_fell_behind() -> None:
+    on_time = rec(start=1.003)
+    on_time.scheduled_time = 1.0
+    late = rec(start=6.86)
+    late.scheduled_time = 5.04
+    waited = rec(start=3.0)  # sent late only because --max-concurrency held it
+    waited.scheduled_time, waited.queue_time = 1.0, 2.0
+    closed_loop = rec(start=9.0)  # no arrival time: not counted
+    s = summarize([on_time, late, waited, closed_loop], duration=10.0)
+    assert s["late_sends"] == 1
+    assert s["max_send_lag_ms"] == pytest.approx(1820.0)
+    assert "late_sends" not in summarize([closed_loop], duration=10.0)
