@@ -147,8 +147,9 @@ def render_run_markdown(result: Mapping[str, Any], plots: Sequence[str] = ()) ->
         ("peak concurrent requests", fmt(result.get("max_concurrent_requests"), "d")),
     ]
     if result.get("max_send_lag_ms") is not None:  # open loop: did the client keep up?
+        worst = fmt(result.get("max_send_lag_ms"), ".0f")
         overview.append(("sends > 100 ms late / worst lag (ms)",
-                         f"{result.get('late_sends')} / {fmt(result.get('max_send_lag_ms'), '.0f')}"))
+                         f"{result.get('late_sends')} / {worst}"))
     lines += [_table(["", "value"], [list(row) for row in overview]), "", "## Latency (ms)", ""]
     pcts = result.get("loadtests", {}).get("percentiles", [50, 90, 99])
     headers = ["metric", "mean", "median", *(percentile_key(p) for p in pcts)]
