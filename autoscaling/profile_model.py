@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import statistics
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
@@ -199,12 +200,7 @@ class Profile(_Strict):
             share = (1.0 - p.ms / self.prefill_ms(p.tokens)) / (1.0 - 1.0 / p.batch)
             if 0.0 < share < 1.0:
                 estimates.append(p.tokens * (1.0 - share) / share)
-        if not estimates:
-            return None
-        estimates.sort()
-        mid = len(estimates) // 2
-        return estimates[mid] if len(estimates) % 2 else (estimates[mid - 1] +
-                                                          estimates[mid]) / 2
+        return statistics.median(estimates) if estimates else None
 
     def prefill_step_ms(self, chunks: list[tuple[float, float]]) -> float:
         """One step computing these prompt chunks, each (tokens in this step, tokens of its
@@ -226,10 +222,7 @@ class Profile(_Strict):
         """A prefill step (``tokens``, or its chunks as in :meth:`prefill_step_ms`) in the P/D
         layout while a ``decode_busy`` share (0-1) of the decode engines sharing its host
         decode."""
-        if isinstance(tokens, list):
-            base = self.prefill_step_ms(tokens)
-        else:
-            base = self.prefill_ms(tokens)
+        base = self.prefill_step_ms(tokens if isinstance(tokens, list) else [(tokens, 0.0)])
         f = self.pd_decode
         if f is None:
             return base

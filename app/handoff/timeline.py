@@ -43,6 +43,7 @@ DETAIL_STAGES: dict[str, tuple[str, str]] = {
     "prefill_response": ("prefill_first_token", "prefill_replica_out"),
     "from_prefill_replica": ("prefill_replica_out", "prefill_returned"),
 }
+ALL_STAGES = STAGES | DETAIL_STAGES
 ENGINE_MARKS = ("queued", "scheduled", "first_token")
 
 
@@ -77,8 +78,7 @@ class HandoffTimeline:
     def stages_ms(self) -> dict[str, float]:
         m = self.marks
         out = {name: round((m[end] - m[start]) * 1e3, 3)
-               for name, (start, end) in (STAGES | DETAIL_STAGES).items()
-               if start in m and end in m}
+               for name, (start, end) in ALL_STAGES.items() if start in m and end in m}
         if "received" in m and "first_chunk" in m:
             out["first_chunk_ms"] = round((m["first_chunk"] - m["received"]) * 1e3, 3)
         if "received" in m and "decode_first_chunk" in m:

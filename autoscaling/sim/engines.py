@@ -178,8 +178,7 @@ class PrefillReplica(Replica):
             budget -= take
             tokens += take
         self.in_step = len(batch)
-        chunks = [(take, item[0].prompt - item[1]) for item, take in batch]
-        ms = p.pd_prefill_ms(chunks, self.decode_busy())
+        ms = p.pd_prefill_ms(_chunks(batch), self.decode_busy())
         self.loop.after(ms / 1e3, self._end_step, batch, tokens)
 
     def _end_step(self, batch: list, tokens: int) -> None:
@@ -315,6 +314,12 @@ class DecodeReplica(_Decoding):
         self.assigned -= 1
 
 
+def _chunks(batch: list) -> list[tuple[float, float]]:
+    """A step's prompt chunks for ``Profile.prefill_step_ms``: (tokens taken now, tokens of
+    that prompt computed before), from ``(item, take)`` pairs of [request, tokens left]."""
+    return [(take, item[0].prompt - item[1]) for item, take in batch]
+
+
 def mixed_step_ms(profile: Profile, prefill_tokens: int, decode_batch: int,
                   mean_context: float, chunks: list[tuple[float, float]] | None = None
                   ) -> float:
@@ -382,8 +387,7 @@ class AggregatedReplica(_Decoding):
             return
         self.in_step = len(batch)
         ctx = self.kv_tokens / decoding if decoding else 0.0
-        chunks = [(take, item[0].prompt - item[1]) for item, take in batch]
-        ms = mixed_step_ms(p, tokens, decoding, ctx, chunks)
+        ms = mixed_step_ms(p, tokens, decoding, ctx, _chunks(batch))
         self.loop.after(ms / 1e3, self._end_step, batch, tokens, decoding, ms)
 
     def _end_step(self, batch: list, tokens: int, decoding: int, ms: float) -> None:
