@@ -265,7 +265,8 @@ class EngineFront(EngineServer, OpenAIFront):
         self._init_front(
             self.cfg,
             LocalEngineClient(self.host),
-            HandleEngineClient(prefill) if prefill is not None else None,
+            HandleEngineClient(prefill, self.cfg.handoff.handle_transport)
+            if prefill is not None else None,
             self.tracker,
             self._peer_stream if self.cfg.server.max_migrations > 0 else None,
             block_size=self.host.block_size,
@@ -285,7 +286,8 @@ class EngineFront(EngineServer, OpenAIFront):
         if self._peers is None:
             ctx = serve.get_replica_context()
             self._peers = HandleEngineClient(
-                serve.get_deployment_handle(ctx.deployment, ctx.app_name))
+                serve.get_deployment_handle(ctx.deployment, ctx.app_name),
+                self.cfg.handoff.handle_transport)
         return self._peers.stream(kind, request, exclude_replica=_replica_id())
 
 
