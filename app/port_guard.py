@@ -109,18 +109,43 @@ def stop(pid: int, timeout_s: float = 5.0) -> None:
 def orphaned_ray_workers() -> list[int]:
     """Ray worker and agent processes (``ray::...``) whose raylet is gone: adopted by init.
     A live cluster's workers are its raylet's children; ``raylet``/``gcs_server`` themselves
-    are left alone (``ray start`` daemonizes them, so ppid 1 is normal for them)."""
+    are left alone (``ray start`` daemonizes them, so ppid 1 is normal for them). Also the
+    vLLM engine processes (``VLLM::EngineCore`` and its workers) a killed replica left
+    behind: adopted by init, started under a raylet that is gone. They hold the old KV cache
+    (and GPU memory on a GPU node), so the next start could not fit its own engines."""
     import psutil
 
     out = []
     for p in psutil.process_iter(["pid", "ppid", "name", "cmdline"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
-            if p.info["ppid"] == 1 and cmd.startswith("ray::"):
+            if p.info["ppid"] != 1:
+                continue
+            if cmd.startswith("ray::"):
+                out.append(p.info["pid"])
+            elif cmd.startswith("VLLM::") and _raylet_gone(p):
+                out.extend(c.pid for c in p.children(recursive=True))
                 out.append(p.info["pid"])
         except (psutil.Error, TypeError):
             continue
-    return out
+    return list(dict.fromkeys(out))
+
+
+def _raylet_gone(proc) -> bool:
+    """Whether ``proc`` was started under a Ray node whose raylet no longer runs (a vLLM
+    engine outside Ray, e.g. ``vllm serve``'s, is never ours)."""
+    import psutil
+
+    try:
+        raylet = proc.environ().get("RAY_RAYLET_PID")
+    except psutil.Error:
+        return False
+    if not raylet or not raylet.isdigit():
+        return False
+    try:
+        return "raylet" not in psutil.Process(int(raylet)).name()
+    except psutil.NoSuchProcess:
+        return True
 
 
 def check(ports: dict[int, str], clean: bool = True) -> list[str]:
@@ -131,8 +156,9 @@ def check(ports: dict[int, str], clean: bool = True) -> list[str]:
         for pid in stale:
             stop(pid)
         if stale:
-            print(f"port_guard: stopped {len(stale)} orphaned Ray worker processes of a killed "
-                  f"cluster (pids {', '.join(map(str, stale[:8]))})", file=sys.stderr)
+            pids = ", ".join(map(str, stale[:8]))
+            print(f"port_guard: stopped {len(stale)} orphaned Ray worker and vLLM engine "
+                  f"processes of a killed cluster (pids {pids})", file=sys.stderr)
     for port, use in sorted(ports.items()):
         for h in listeners(port):
             if clean and h.orphaned_ray_haproxy:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -80,3 +81,47 @@ def test_listen_port_never_hands_out_a_port_twice_in_one_process():
 
     first = listen_port("127.0.0.1", random.Random(7))
     assert listen_port("127.0.0.1", random.Random(7)) != first  # same draws: skipped
+
+
+def _orphan(title: str, raylet_pid: str | None) -> int:
+    """A process titled ``title``, adopted by init (its parent exits at once), started with
+    ``RAY_RAYLET_PID`` as given; returns its pid."""
+    code = ("import os, sys, time, setproctitle\n"
+            "r, w = os.pipe()\n"
+            "if os.fork():\n"
+            "    os.close(w); sys.stdout.write(os.read(r, 32).decode()); os._exit(0)\n"
+            "setproctitle.setproctitle(sys.argv[1])\n"
+            "null = os.open(os.devnull, os.O_RDWR); os.dup2(null, 1); os.dup2(null, 2)\n"
+            "os.write(w, str(os.getpid()).encode()); os.close(w)\n"
+            "time.sleep(120)\n")
+    # SPT_NOENV: setproctitle must not write over the environment (as vLLM's title leaves
+    # it readable in /proc/PID/environ, checked on a real engine)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_RAYLET_PID"} | {"SPT_NOENV": "1"}
+    if raylet_pid is not None:
+        env["RAY_RAYLET_PID"] = raylet_pid
+    out = subprocess.run([sys.executable, "-c", code, title], env=env, capture_output=True,
+                         text=True, timeout=60, check=True)
+    return int(out.stdout)
+
+
+def test_orphaned_vllm_engine_of_a_dead_raylet_is_ours_and_others_are_not():
+    import psutil
+
+    from app.port_guard import orphaned_ray_workers, stop
+
+    dead = 2**22 + 12345  # above the default pid_max range in use here: no such process
+    assert not psutil.pid_exists(dead)
+    ours = _orphan("VLLM::EngineCore", str(dead))
+    live_raylet = _orphan("VLLM::EngineCore", str(os.getpid()))  # "raylet" not its name
+    foreign = _orphan("VLLM::EngineCore", None)  # e.g. `vllm serve`'s, whose parent died
+    try:
+        assert psutil.Process(ours).ppid() == 1, "not adopted by init: the premise fails"
+        found = orphaned_ray_workers()
+        assert ours in found
+        assert foreign not in found
+        # a raylet pid reused by another process: the engine is ours once more
+        assert live_raylet in found
+    finally:
+        for pid in (ours, live_raylet, foreign):
+            stop(pid, timeout_s=5)
+    assert not psutil.pid_exists(ours)
