@@ -112,6 +112,9 @@ class ServerConfig(_Strict):
         "configured, /v1/* require 'Authorization: Bearer <key>'; /health stays open.")
 
 
+HandleTransport = Literal["grpc", "actor"]
+
+
 class HandoffConfig(_Strict):
     """The P/D handoff's fast path and its debug timeline (app/handoff/)."""
 
@@ -122,7 +125,7 @@ class HandoffConfig(_Strict):
     timeline: bool = Field(
         False, description="Log one `pd_timeline` JSON line per disaggregated request with "
         "the time of each handoff stage (debugging, bench/handoff.py).")
-    handle_transport: Literal["grpc", "actor"] = Field(
+    handle_transport: HandleTransport = Field(
         "grpc", description="How the decode front calls prefill replicas (and peers, for "
         "migrations): 'grpc', Ray Serve's by-value channel straight to the replica's "
         "gRPC server (~1 ms less per call, measured), or 'actor', Ray actor calls. Requests "

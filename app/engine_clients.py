@@ -9,25 +9,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
+import grpc
+
+from app.config import HandleTransport
 from app.engine_host import EngineHost
 from app.engine_protocol import Head
-
-HandleTransport = Literal["grpc", "actor"]
 
 
 def too_large_for_grpc(exc: BaseException) -> bool:
     """Whether a by-value (gRPC) handle call failed because the request exceeded the
     replica's gRPC message limit (``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH``, 4 MiB by
     default): the replica never saw it, so it can be sent again as an actor call."""
-    code = getattr(exc, "code", None)
-    if not callable(code):
-        return False
-    try:
-        return getattr(code(), "name", None) == "RESOURCE_EXHAUSTED"
-    except Exception:  # noqa: BLE001 - not a gRPC error after all
-        return False
+    return (isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None))
+            and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class HandleEngineClient:
@@ -43,8 +39,14 @@ class HandleEngineClient:
 
     def __init__(self, handle: Any, transport: HandleTransport = "grpc"):
         self._actor = handle
-        self._first = handle.options(_by_reference=False) if transport == "grpc" else handle
-        self._streams = {id(h): h.options(stream=True) for h in (self._actor, self._first)}
+        self._by_value = transport == "grpc"
+        self._first = handle.options(_by_reference=False) if self._by_value else handle
+        self._actor_stream = handle.options(stream=True)
+        self._first_stream = self._first.options(stream=True)
+
+    def _resend(self, exc: BaseException) -> bool:
+        """Whether a by-value call that failed with ``exc`` goes again as an actor call."""
+        return self._by_value and too_large_for_grpc(exc)
 
     async def call_once(self, kind: str, request: Any, **routing: Any) -> Head:
         """``routing``: the router's choice (``prefill_replica``...), read by the deployment's
@@ -52,7 +54,7 @@ class HandleEngineClient:
         try:
             return await self._call_once(self._first, kind, request, routing)
         except Exception as exc:
-            if self._first is self._actor or not too_large_for_grpc(exc):
+            if not self._resend(exc):
                 raise
         return await self._call_once(self._actor, kind, request, routing)
 
@@ -69,15 +71,15 @@ class HandleEngineClient:
     async def stream(self, kind: str, request: Any, **routing: Any
                      ) -> AsyncIterator[Head | str]:
         """``routing``: e.g. ``exclude_replica`` (``DecodePoolRouter``), for migrations."""
-        generator = self._open(self._first, kind, request, routing)
+        generator = self._first_stream.generate.remote(kind, request, **routing)
         finished = False
         try:
             try:
                 first = await anext(generator)
             except Exception as exc:
-                if self._first is self._actor or not too_large_for_grpc(exc):
+                if not self._resend(exc):
                     raise
-                generator = self._open(self._actor, kind, request, routing)
+                generator = self._actor_stream.generate.remote(kind, request, **routing)
                 first = await anext(generator)
             yield first
             async for item in generator:
@@ -88,9 +90,6 @@ class HandleEngineClient:
         finally:
             if not finished:
                 generator.cancel()  # client disconnected: free the request's KV blocks
-
-    def _open(self, handle: Any, kind: str, request: Any, routing: dict[str, Any]) -> Any:
-        return self._streams[id(handle)].generate.remote(kind, request, **routing)
 
     async def models(self) -> dict[str, Any]:
         return await self._actor.models.remote()
