@@ -39,6 +39,7 @@ from loadtests.metrics import (
     distserve_goodput,
     summarize,
 )
+from loadtests.priority import ClientPriority, client_priority
 from loadtests.prompts import TokenSpace
 from loadtests.report import (
     load_label,
@@ -85,6 +86,7 @@ class BenchConfig:
     command: str = ""
     progress: bool = True
     plots: bool = True
+    client_priority: ClientPriority = "normal"  # loadtests.priority: realtime on a shared box
 
     def resolved_arrival(self) -> ArrivalSpec:
         if self.arrival is not None:
@@ -196,7 +198,13 @@ async def run_benchmark(
     """Run every load point of ``cfg``; returns the run result (one point) or the sweep.
 
     ``transport`` replaces the network (tests use ``httpx.MockTransport``)."""
-    console = console or Console(stderr=True)
+    with client_priority(cfg.client_priority):
+        return await _run_points(cfg, console or Console(stderr=True), transport)
+
+
+async def _run_points(
+    cfg: BenchConfig, console: Console, transport: httpx.AsyncBaseTransport | None
+) -> dict[str, Any]:
     arrival = cfg.resolved_arrival()
     load_kind, loads = load_points(cfg)
     traces_dir = resolve_traces_dir(cfg.traces_dir)
@@ -313,6 +321,7 @@ def _meta(cfg: BenchConfig, model: str, arrival: ArrivalSpec, load_kind: str,
             "token_range_source": space_source,
             "ignore_eos": cfg.ignore_eos,
             "warmup": cfg.warmup,
+            "client_priority": cfg.client_priority,
             "slo_text": cfg.slo.describe(),
             "attainment_target": cfg.attainment_target,
             "percentiles": list(cfg.percentiles),

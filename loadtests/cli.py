@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--label", default=None, help="name of this setup in reports")
     run.add_argument("--no-progress", dest="progress", action="store_false")
     run.add_argument("--no-plots", dest="plots", action="store_false")
+    run.add_argument("--client-priority", choices=["normal", "realtime"], default="normal",
+                     help="realtime: the client's event loop on SCHED_FIFO (root), so a server "
+                          "on the same busy machine cannot starve the measurement")
 
     cmp = sub.add_parser("compare", help="compare result directories side by side")
     cmp.add_argument("dirs", nargs="+", type=Path)
@@ -185,6 +188,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         command=shlex.join(["python", "-m", "loadtests", *args.raw_argv]),
         progress=args.progress,
         plots=args.plots,
+        client_priority=args.client_priority,
     )
     result = asyncio.run(run_benchmark(cfg, console))
     points = result.get("points", [result])

@@ -136,6 +136,7 @@ def run_mode(mode: str, args: argparse.Namespace, command: str, console: Console
             slo=args.slo, attainment_target=args.attainment_target, seed=args.seed,
             warmup=args.warmup, tokenizer_dir=repo_root() / args.model_path, label=mode,
             command=command, progress=not args.no_progress,
+            client_priority=args.client_priority,
         )
         asyncio.run(run_benchmark(cfg, console))
     finally:
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true",
                    help="rebuild the docs section from existing results")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--client-priority", choices=["normal", "realtime"], default="normal",
+                   help="realtime: the load generator on SCHED_FIFO (root), so the engines "
+                        "on the same cores cannot starve the measurement")
     return p
 
 
