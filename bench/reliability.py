@@ -4,7 +4,10 @@ process's memory sampled.
 1. **burst**: ``--streams`` (500) streamed completions started at once against the P/D app
    (tiny model, 1 prefill + 1 decode engine as ``serve_configs/local.yaml``, the decode
    front's ``max_ongoing_requests`` raised to take them all): errors, TTFT, wall time;
-2. **soak**: Poisson arrivals at ``--rate`` req/s for ``--soak-s`` seconds; every
+2. **shape warm-up**: one prompt of every length 1..``--warm-shapes`` (2,047), one at a
+   time: CPU kernels keep memory per prefill step shape, so without it the soak's slope
+   mixes that warm-up with any leak (``bench/rss_shapes.py``);
+3. **soak**: Poisson arrivals at ``--rate`` req/s for ``--soak-s`` seconds; every
    ``--sample-s`` the RSS of every process of the app (Ray, replicas, vLLM engines, HAProxy)
    is read from ``/proc``; after the first ``--warmup-frac`` of the run, the least-squares
    slope of each process's RSS (MB per hour) and of their sum is reported. A leak shows as a
@@ -29,6 +32,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -46,10 +50,11 @@ from loadtests.servers import running_app  # noqa: E402
 
 SECTION = "bench:reliability"
 MODEL, SERVED = "models/tiny-llama", "tiny-llama"
+TOKEN_RANGE = (300, 4000)  # ids of the tiny model's vocabulary (4,096) that are ordinary text
 
 
 def _body(rng: random.Random, max_tokens: int) -> dict[str, Any]:
-    prompt = [rng.randrange(300, 4000) for _ in range(rng.randint(64, 256))]
+    prompt = [rng.randrange(*TOKEN_RANGE) for _ in range(rng.randint(64, 256))]
     return {"model": SERVED, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
             "temperature": 0, "stream": True, "add_special_tokens": False,
             "return_token_ids": True}
@@ -79,6 +84,26 @@ async def _stream(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, 
     if error is None and tokens < body["max_tokens"]:
         error = f"short stream: {tokens} of {body['max_tokens']}"
     return {"error": error, "ttft": first, "tokens": tokens}
+
+
+def shape_sweep(base: str, max_len: int, rng: random.Random,
+                after: Callable[[int], None] | None = None) -> None:
+    """One prompt of every length 1..``max_len`` (shuffled, fresh tokens, 1 output token),
+    one at a time, so every prefill step shape up to ``max_len`` has been run once.
+
+    CPU kernels and allocators keep memory per step shape (``bench/rss_shapes.py``: the
+    prefill worker grew 0.75 GB over its first 1,024 shapes, nothing on a second pass), so
+    a soak that meets a new batch total now and then shows a slope that is warm-up, not a
+    leak. ``after(i)`` runs after the i-th prompt."""
+    lengths = list(range(1, max_len + 1))
+    rng.shuffle(lengths)
+    with httpx.Client(base_url=base, timeout=120) as client:
+        for i, n in enumerate(lengths, 1):
+            body = {"model": SERVED, "prompt": [rng.randrange(*TOKEN_RANGE) for _ in range(n)],
+                    "max_tokens": 1, "temperature": 0.0}
+            client.post("/v1/completions", json=body).raise_for_status()
+            if after is not None:
+                after(i)
 
 
 async def burst(base: str, n: int, max_tokens: int) -> dict[str, Any]:
@@ -219,7 +244,7 @@ def analyse(soaked: dict[str, Any], seconds: float, warmup_frac: float) -> dict[
 
 
 def render(args: argparse.Namespace, command: str, burst_r: dict[str, Any],
-           soak_r: dict[str, Any], analysis: dict[str, Any]) -> str:
+           soak_r: dict[str, Any], analysis: dict[str, Any], shapes_s: float) -> str:
     lines = [
         "## Load and soak (issue 9)",
         "",
@@ -236,6 +261,11 @@ def render(args: argparse.Namespace, command: str, burst_r: dict[str, Any],
         + (f" ({'; '.join(burst_r['error_kinds'])})" if burst_r["errors"] else "")
         + f"; all done in {burst_r['wall_s']:.1f} s; TTFT p50 {burst_r['ttft_p50']:.0f} ms, "
         f"p99 {burst_r['ttft_p99']:.0f} ms; {burst_r['tokens']} tokens.",
+        "",
+        (f"**Shape warm-up:** one prompt of every length 1..{args.warm_shapes} tokens, one at "
+         f"a time, in {shapes_s:.0f} s (every prefill step shape the soak can meet; "
+         "`bench/rss_shapes.py`)." if args.warm_shapes else
+         "**Shape warm-up:** none (`--warm-shapes 0`)."),
         "",
         f"**Soak:** {soak_r['requests']} requests at {args.rate:g} req/s for "
         f"{args.soak_s / 60:.0f} min: **{soak_r['errors']} errors**"
@@ -268,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=4.0)
     p.add_argument("--sample-s", type=float, default=10.0)
     p.add_argument("--warmup-frac", type=float, default=0.2)
+    p.add_argument("--warm-shapes", type=int, default=2047,
+                   help="before the soak, one prompt of every length 1..N (0: none); "
+                        "the default covers every prompt the 2,048-token context takes")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-ongoing", type=int, default=1024)
     p.add_argument("--port", type=int, default=8000)
@@ -283,12 +316,16 @@ def main(argv: list[str] | None = None) -> int:
                      SERVED) as (base, proc, _log):
         burst_r = asyncio.run(burst(base, args.streams, args.max_tokens))
         print(f"burst: {burst_r}", file=sys.stderr)
+        t0 = time.monotonic()
+        if args.warm_shapes:
+            shape_sweep(base, args.warm_shapes, random.Random(7))
+        shapes_s = time.monotonic() - t0
         soak_r = asyncio.run(soak(base, proc.pid, args.soak_s, args.rate, args.sample_s,
                                   args.max_tokens))
     analysis = analyse(soak_r, args.soak_s, args.warmup_frac)
     samples = Path(args.work_dir) / "rss_samples.json"  # for a closer look at any slope
     samples.write_text(json.dumps({"names": soak_r["names"], "samples": soak_r["samples"]}))
-    text = render(args, command, burst_r, soak_r, analysis)
+    text = render(args, command, burst_r, soak_r, analysis, shapes_s)
     print(text)
     update_file(Path(args.docs), SECTION, text)
     return 0 if burst_r["errors"] == 0 and soak_r["errors"] == 0 else 1
