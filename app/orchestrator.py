@@ -109,6 +109,9 @@ class PDOrchestrator:
             timeline = HandoffTimeline() if self.timeline is not None else None
             if timeline is not None:
                 timeline.mark("received")
+                if hint.router_marks is not None:
+                    timeline.mark("router_in", hint.router_marks[0])
+                    timeline.mark("router_out", hint.router_marks[1])
             start = time.perf_counter()
             outcome, label = await self._run_prefill(kind, request, hint)
             self.observer.prefill_leg(label, time.perf_counter() - start)

@@ -34,9 +34,13 @@ STAGES: dict[str, tuple[str, str]] = {
     # decode output through vLLM's serving layer to the front
     "to_socket": ("decode_first_token", "decode_first_chunk"),
 }
-# Finer cuts of the two prefill-side stages, from marks the prefill replica adds (its entry,
-# vLLM's serving layer calling the engine, its answer built): Ray hop vs vLLM frontend.
+# Finer cuts: the KV router's marks (when it placed the request) and the two prefill-side
+# stages, from marks the prefill replica adds (its entry, vLLM's serving layer calling the
+# engine, its answer built): Ray hop vs vLLM frontend.
 DETAIL_STAGES: dict[str, tuple[str, str]] = {
+    # the KV router's own work on its route call, and its answer -> HAProxy -> this front
+    "router": ("router_in", "router_out"),
+    "router_to_front": ("router_out", "received"),
     "to_prefill_replica": ("received", "prefill_replica_in"),
     "prefill_frontend": ("prefill_replica_in", "prefill_generate_in"),
     "to_prefill_core": ("prefill_generate_in", "prefill_queued"),

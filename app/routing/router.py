@@ -38,9 +38,11 @@ from app.routing import replica_registry
 from app.routing.feed import Endpoints, EventFeed
 from app.routing.hints import (
     HEADER_CACHED_TOKENS,
+    HEADER_MARKS,
     HEADER_PLAN,
     HEADER_PREFILL,
     HEADER_PROMPT_TOKENS,
+    marks_header,
 )
 from app.routing.kv_index import KVIndex
 from app.routing.load import LoadBook
@@ -90,7 +92,7 @@ class KVRouter:
         return Starlette(routes=[Route("/internal/route", self.route, methods=["POST"])])
 
     async def route(self, request: Request) -> Response:
-        start = time.perf_counter()
+        start, received = time.perf_counter(), time.monotonic()
         body = _json_object(await request.body())
         try:
             if body is None:
@@ -106,6 +108,8 @@ class KVRouter:
         m = router_metrics()
         m["latency"].observe(elapsed_ms)
         m["decisions"].inc(tags={"route": answer["request_headers"].get(HEADER_PLAN, "none")})
+        if self.cfg.handoff.timeline:
+            answer["request_headers"][HEADER_MARKS] = marks_header(received, time.monotonic())
         return JSONResponse(answer)
 
     def decide(self, prompt_tokens: int, hashes: list[int], routable: bool = True

@@ -183,3 +183,14 @@ def test_detail_stages_split_the_prefill_side():
         == pytest.approx([2.0, 1.0, 1.0])
     assert stages["prefill_reply"] == pytest.approx(
         stages["prefill_response"] + stages["from_prefill_replica"])
+
+
+def test_router_marks_split_the_time_before_the_front():
+    t = HandoffTimeline()
+    t.mark("router_in", 0.995)
+    t.mark("router_out", 0.997)
+    t.mark("received", 1.000)
+    stages = t.stages_ms()
+    assert stages["router"] == pytest.approx(2.0)
+    assert stages["router_to_front"] == pytest.approx(3.0)
+    assert "router" not in HandoffTimeline(marks={"received": 1.0}).stages_ms()

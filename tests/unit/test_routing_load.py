@@ -2,7 +2,9 @@
 
 import time
 
-from app.routing.hints import RouteHint, read_route_hint
+import pytest
+
+from app.routing.hints import RouteHint, marks_header, read_route_hint
 from app.routing.load import LoadBook
 from app.routing.policy import PrefillPlan
 from app.routing.publisher import InFlight, RequestTracker
@@ -73,6 +75,15 @@ def test_route_hint_round_trip_and_garbage():
     assert read_route_hint({"x-serve-router-plan": "nonsense"}) == RouteHint()
     assert read_route_hint({"x-serve-router-prompt-tokens": "x"}) == RouteHint()
     assert read_route_hint({}) == RouteHint()
+
+
+def test_route_hint_carries_the_routers_timeline_marks():
+    marked = read_route_hint({"x-serve-router-plan": "disaggregated",
+                              "x-serve-router-marks": marks_header(12.5, 12.5015)})
+    assert marked.router_marks == pytest.approx((12.5, 12.5015))
+    assert marked.plan is PrefillPlan.REMOTE
+    for garbage in ("", "1.0", "a,b", "1,2,3"):
+        assert read_route_hint({"x-serve-router-marks": garbage}).router_marks is None
 
 
 async def test_tracker_counts_prefill_until_first_chunk_and_records_predictions():
