@@ -181,8 +181,10 @@ def app_config(args, model: str, port: int, first_token: bool, kv_dtype: str) ->
                                        "progress_delay_us": args.nixl_delay_us},
                               "engine_process": {"shm_busy_loop_s": 0.002},
                               # every request disaggregated (the KV router would prefill
-                              # short prompts on decode)
-                              "routing": {"policy": "power_of_two"},
+                              # short prompts on decode: not with local_prefill_max_tokens 0)
+                              "routing": ({"policy": "kv", "local_prefill_max_tokens": 0,
+                                           "advertise_host": HOST} if args.policy == "kv"
+                                          else {"policy": "power_of_two"}),
                               "handoff": {"first_token_from_prefill": first_token,
                                           "timeline": True},
                           }}],
@@ -279,7 +281,8 @@ def markdown(args, command: str, tiny: dict[str, Point], small: dict[str, dict[s
         "",
         f"- Command: `{command}`",
         f"- Hardware: {hardware_line(hw)}",
-        "- Disaggregated app (`routing.policy: power_of_two`: every request takes the P/D path), "
+        f"- Disaggregated app (`routing.policy: {args.policy}`: every request takes the P/D "
+        "path), "
         "prefill engine on core 0, decode on core 1, block size 32, "
         f"NIXL progress delay {args.nixl_delay_us} µs, `handoff.timeline: true`; sequential "
         "streaming completions of random token ids, greedy, `ignore_eos`.",
@@ -302,8 +305,8 @@ def markdown(args, command: str, tiny: dict[str, Point], small: dict[str, dict[s
             + " | ".join(fmt(med.get(s)) for s in STAGES)
             + f" | {fmt(med.get('first_chunk_ms'))} | {fmt(med.get('decode_first_chunk_ms'))}"
             f" | {len(point.streams)} |")
-    lines += ["", "Prefill side in detail (the prefill replica's own marks: Ray hop vs vLLM "
-              "frontend):", "",
+    lines += ["", "In detail (the KV router's marks, with `--policy kv`; the prefill replica's "
+              "own marks: Ray hop vs vLLM frontend):", "",
               "| setup | " + " | ".join(DETAIL_STAGES) + " |",
               "|---|" + "---|" * len(DETAIL_STAGES)]
     for label, point in tiny.items():
@@ -373,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "handoff")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--policy", choices=["power_of_two", "kv"], default="power_of_two",
+                        help="kv: the same always-remote path behind the KV-aware router "
+                             "(its stages router, router_to_front in the detail table)")
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(raw_argv)
     command = shlex.join(["python", "bench/handoff.py", *raw_argv])
