@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=4.0)
     p.add_argument("--sample-s", type=float, default=10.0)
     p.add_argument("--warmup-frac", type=float, default=0.2)
+    p.add_argument("--handle-transport", choices=["grpc", "actor"], default=None,
+                   help="handoff.handle_transport for the app (default: the app's own)")
     p.add_argument("--warm-shapes", type=int, default=2047,
                    help="before the soak, one prompt of every length 1..N (0: none); "
                         "the default covers every prompt the 2,048-token context takes")
@@ -312,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     app = cfg["applications"][0]["args"]
     app["decode"]["max_ongoing_requests"] = args.max_ongoing
     app["routing"] = {**app.get("routing", {}), "prefill_timeout_s": 120}
+    if args.handle_transport:
+        app["handoff"] = {**app.get("handoff", {}), "handle_transport": args.handle_transport}
     with running_app(cfg, Path(args.work_dir), "reliability", "127.0.0.1", args.port,
                      SERVED) as (base, proc, _log):
         burst_r = asyncio.run(burst(base, args.streams, args.max_tokens))
