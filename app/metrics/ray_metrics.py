@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -188,7 +189,7 @@ class EngineMetrics:
         self._source_tags = {s: {"phase": phase, "source": s} for s in self._SOURCES}
         self.throttle = GaugeThrottle(interval_s)
         self.pending: dict[str, float] = dict.fromkeys(self._COUNTERS + self._SOURCES, 0)
-        self._flushed_s = 0.0
+        self._flushed_s = -math.inf  # the first step flushes, however young the clock
 
     def record(self, scheduler_stats: Any, iteration_stats: Any,
                transfers: TransferTotals | None) -> None:
