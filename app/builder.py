@@ -13,7 +13,15 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from app.config import AppConfig, PhaseConfig
-from app.deployments import AggregatedServer, DecodeServer, KVRouterServer, PrefillServer
+from app.deployments import (
+    AggregatedEngineServer,
+    AggregatedServer,
+    DecodeEngineServer,
+    DecodeServer,
+    KVRouterServer,
+    PrefillServer,
+)
+from app.front_server import FrontServer
 from app.placement import placement_options
 
 _POOL_ROUTERS = "app.routing.pool_routers"
@@ -87,6 +95,8 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
             "routing.policy 'kv' needs Ray's HAProxy ingress: start Ray with the settings of "
             "app/serve_env.py, e.g. `env $(python -m app.serve_env) serve run <config>`, or "
             "set routing.policy: power_of_two")
+    if cfg.front.mode == "separate":
+        return _with_separate_front(cfg, raw)
     # The decode (or aggregated) engine replicas are the HTTP ingress: tokens go from vLLM to
     # the socket in-process, with no Ray hop; only the prefill leg crosses replicas.
     kv = policy == "kv"
@@ -95,12 +105,29 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         front = AggregatedServer.options(**_engine_options(cfg, "aggregated"), **front_router)
         app = front.bind(raw)
         return app._with_ingress_request_router(KVRouterServer.bind(raw, app)) if kv else app
-    prefill_router_cls = {"kv": f"{_POOL_ROUTERS}:PrefillPoolRouter",
-                          "prefix_affinity": PREFIX_AFFINITY_ROUTER}.get(policy)
-    prefill_router = _router(prefill_router_cls) if prefill_router_cls else {}
-    prefill = PrefillServer.options(**_engine_options(cfg, "prefill"), **prefill_router).bind(raw)
+    prefill = _prefill(cfg, raw)
     app = DecodeServer.options(**_engine_options(cfg, "decode"), **front_router).bind(raw, prefill)
     if kv:
         # HAProxy asks the router (POST /internal/route) which decode replica gets each request.
         app._with_ingress_request_router(KVRouterServer.bind(raw, app, prefill))
     return app
+
+
+def _prefill(cfg: AppConfig, raw: dict[str, Any]) -> Application:
+    router_cls = {"kv": f"{_POOL_ROUTERS}:PrefillPoolRouter",
+                  "prefix_affinity": PREFIX_AFFINITY_ROUTER}.get(cfg.routing.policy)
+    router = _router(router_cls) if router_cls else {}
+    return PrefillServer.options(**_engine_options(cfg, "prefill"), **router).bind(raw)
+
+
+def _with_separate_front(cfg: AppConfig, raw: dict[str, Any]) -> Application:
+    """FrontServer serves HTTP; engine replicas only answer handles (app/front_server.py)."""
+    f = cfg.front
+    front = FrontServer.options(num_replicas=f.num_replicas,
+                                ray_actor_options=dict(f.ray_actor_options),
+                                max_ongoing_requests=f.max_ongoing_requests)
+    if cfg.mode == "aggregated":
+        engines = AggregatedEngineServer.options(**_engine_options(cfg, "aggregated"))
+        return front.bind(raw, engines.bind(raw))
+    decode = DecodeEngineServer.options(**_engine_options(cfg, "decode")).bind(raw)
+    return front.bind(raw, decode, _prefill(cfg, raw))

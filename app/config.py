@@ -113,6 +113,24 @@ class ServerConfig(_Strict):
 
 
 HandleTransport = Literal["grpc", "actor"]
+FrontMode = Literal["engine", "separate"]
+
+
+class FrontConfig(_Strict):
+    """Where the OpenAI HTTP front runs (README, Failover)."""
+
+    mode: FrontMode = Field(
+        "engine", description="engine: in each decode (or aggregated) replica, so tokens go "
+        "from vLLM to the socket in-process; a stream dies with its replica's process. "
+        "separate: its own deployment (FrontServer) that calls the engine replicas over "
+        "handles; a stream whose decode replica dies, process and all, continues on another "
+        "(app/migration.py), for one more hop per request. Needs routing.policy "
+        "power_of_two or prefix_affinity.")
+    num_replicas: int = Field(1, ge=1, description="FrontServer replicas (separate only).")
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=lambda: {"num_cpus": 0}, description="FrontServer's (separate only): "
+        "no CPU reserved by default, like the KV router, so it never takes an engine's.")
+    max_ongoing_requests: int = Field(1000, ge=1, description="Per FrontServer replica.")
 
 
 class HandoffConfig(_Strict):
@@ -212,6 +230,7 @@ class AppConfig(_Strict):
     engine_process: EngineProcessConfig = Field(default_factory=EngineProcessConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    front: FrontConfig = Field(default_factory=FrontConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     handoff: HandoffConfig = Field(default_factory=HandoffConfig)
     autoscaling: AutoscalingSettings = Field(
@@ -242,6 +261,20 @@ class AppConfig(_Strict):
                     f"{name}.num_replicas ({phase.num_replicas}) is the starting size and "
                     f"must lie within autoscaling.{name} [{b.min_replicas}, "
                     f"{b.max_replicas}]")
+        return self
+
+    @model_validator(mode="after")
+    def _separate_front_supported(self) -> AppConfig:
+        if self.front.mode != "separate":
+            return self
+        if self.routing.policy == "kv":
+            raise ValueError(
+                "front.mode 'separate' needs routing.policy 'power_of_two' or "
+                "'prefix_affinity': the KV router places each request on the engine replica "
+                "that serves its HTTP (front.mode 'engine')")
+        if self.handoff.timeline:
+            raise ValueError("handoff.timeline reads the decode engine's marks in-process: "
+                             "it needs front.mode 'engine'")
         return self
 
     @model_validator(mode="after")

@@ -203,16 +203,17 @@ class EngineServer:
     async def models(self) -> dict[str, Any]:
         return await self.host.models()
 
+    def engine_info(self) -> dict[str, int]:
+        """What a front in another process needs of the engine (the first-token path)."""
+        return {"block_size": self.host.block_size, "max_model_len": self.host.max_model_len}
+
     async def stats(self) -> dict[str, Any]:
         """Engine counters plus where its processes may run (for checks and debugging)."""
         pids = engine_pids()
-        orchestrator = getattr(self, "orchestrator", None)
-        migrator = getattr(orchestrator, "migrator", None)
-        sources = getattr(orchestrator, "token_one_sources", {})
+        flow = self.flow_stats() if isinstance(self, OpenAIFront) else {"migrations": 0}
         return {**self.host.stats(), "role": self.role, "replica": _replica_id(),
                 "affinity": describe_affinity(pids), "engine_dead": self.host.engine_dead(),
-                "migrations": migrator.migrations if migrator is not None else 0,
-                **{f"token_one_{k}": v for k, v in sources.items()}}
+                **flow}
 
     async def check_health(self) -> None:
         await self.host.check_health()
@@ -294,6 +295,20 @@ class EngineFront(EngineServer, OpenAIFront):
 @serve.deployment
 class PrefillServer(EngineServer):
     role = "prefill"
+
+
+class _DecodeEngine(EngineServer):
+    role = "decode"
+
+
+class _AggregatedEngine(EngineServer):
+    role = "aggregated"
+
+
+# Engine replicas without HTTP, behind a separate front (front.mode: separate); the same
+# deployment names as the HTTP-serving ones, so handles, stats and autoscaling read alike.
+DecodeEngineServer = serve.deployment(_DecodeEngine, name="DecodeServer")
+AggregatedEngineServer = serve.deployment(_AggregatedEngine, name="AggregatedServer")
 
 
 @serve.deployment

@@ -8,6 +8,7 @@ token and every later one go straight from vLLM to the socket.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,10 @@ import grpc
 from app.config import HandleTransport
 from app.engine_host import EngineHost
 from app.engine_protocol import Head
+from app.migration import EngineLost
+from app.stream_ledger import StreamLedger
+
+log = logging.getLogger("ray.serve")
 
 
 def too_large_for_grpc(exc: BaseException) -> bool:
@@ -96,6 +101,66 @@ class HandleEngineClient:
 
     async def check_health(self) -> None:
         await self._actor.check_health.remote()
+
+
+class RemoteDecodeClient:
+    """The decode engine of another replica, for a front deployed on its own
+    (``front.mode: separate``).
+
+    A replica that dies under a request (its process killed, its node lost, or only its
+    engine) ends the request's stream in :class:`EngineLost` holding what the client already
+    has (:class:`app.stream_ledger.StreamLedger`), so the front's migrator continues it on
+    another replica, as the engine-hosting front does when its own engine dies.
+    """
+
+    def __init__(self, handle: Any, transport: HandleTransport = "grpc"):
+        self._client = HandleEngineClient(handle, transport)
+
+    async def call_once(self, kind: str, request: Any, **routing: Any) -> Head:
+        return await self._client.call_once(kind, request, **routing)
+
+    async def stream(self, kind: str, request: Any) -> AsyncIterator[Head | str]:
+        ledger = None
+        if getattr(request, "stream", False):
+            asked = bool(getattr(request, "return_token_ids", False))
+            ledger = StreamLedger(kind, hide_ids=not asked)
+            if not asked:
+                request = request.model_copy(update={"return_token_ids": True})
+        inner = self._client.stream(kind, request)
+        try:
+            try:
+                head = await anext(inner)
+            except StopAsyncIteration:
+                raise EngineLost() from None
+            except Exception as exc:  # noqa: BLE001 - replica gone before it answered
+                _log_lost(exc, "before answering")
+                raise EngineLost() from exc
+            yield head
+            while True:
+                try:
+                    chunk = await anext(inner)
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:  # noqa: BLE001 - replica or its engine gone
+                    _log_lost(exc, "mid-stream")
+                    raise (ledger.lost() if ledger is not None else EngineLost()) from exc
+                out = ledger.relay(chunk) if ledger is not None else chunk
+                if out is not None:
+                    yield out
+        finally:
+            await inner.aclose()
+
+    async def models(self) -> dict[str, Any]:
+        return await self._client.models()
+
+    async def check_health(self) -> None:
+        await self._client.check_health()
+
+
+def _log_lost(exc: BaseException, when: str) -> None:
+    if not isinstance(exc, EngineLost):
+        log.warning("decode replica lost %s (%s: %s); continuing on another replica", when,
+                    type(exc).__name__, str(exc)[:200])
 
 
 class LocalEngineClient:

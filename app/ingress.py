@@ -85,6 +85,14 @@ class OpenAIFront:
         self._tracker = tracker
         self._api_keys = APIKeys.load(cfg.server.api_keys_env, cfg.server.api_keys_file)
 
+    def flow_stats(self) -> dict[str, Any]:
+        """Hand-overs and token-1 sources of the requests this front served (``stats()``)."""
+        migrator = self.orchestrator.migrator
+        return {"migrations": migrator.migrations if migrator is not None else 0,
+                "migration_outcomes": dict(migrator.outcomes) if migrator is not None else {},
+                **{f"token_one_{k}": v
+                   for k, v in self.orchestrator.token_one_sources.items()}}
+
     def _to_request(self, kind: str, body: dict[str, Any]) -> Any:
         return self._request_models[kind].model_validate(body)
 

@@ -276,6 +276,11 @@ class Migrator:
         self.max_migrations, self.retry_delay_s = max_migrations, retry_delay_s
         self.max_attempts = max_attempts
         self.migrations = 0  # hand-overs that produced output, for stats
+        self.outcomes = {"rerun": 0, "continued": 0, "refused": 0, "failed": 0}  # stats
+
+    def _outcome(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        self.observer.migration(outcome)
 
     async def rerun(self, kind: str, request: Any) -> tuple[Any, AsyncIterator[str] | None]:
         """The whole request on a peer (nothing was sent yet): its Head, and its chunks when
@@ -292,13 +297,13 @@ class Migrator:
                 await asyncio.sleep(self.retry_delay_s * min(attempt + 1, 4))
                 continue
             self.migrations += 1
-            self.observer.migration("rerun")
+            self._outcome("rerun")
             log.warning("engine lost before any output: request re-run on a peer")
             if getattr(head, "kind", None) == "stream":
                 return head, _rest(stream)
             await _close(stream)
             return head, None
-        self.observer.migration("failed")
+        self._outcome("failed")
         raise RuntimeError(f"no peer replica could take the request ({last!r})")
 
     async def guard(self, kind: str, request: Any, chunks: AsyncIterator[str]
@@ -318,7 +323,7 @@ class Migrator:
         body = request.model_dump(exclude_unset=False)
         why = migratable(kind, body)
         if why is not None:
-            self.observer.migration("refused")
+            self._outcome("refused")
             log.warning("engine lost mid-stream; request not migrated (%s)", why)
             yield error_event(f"the engine serving this request failed; {why} cannot "
                               f"continue elsewhere: retry the request")
@@ -384,7 +389,7 @@ class Migrator:
                         yield event
                 yield DONE
                 self.migrations += 1
-                self.observer.migration("continued")
+                self._outcome("continued")
                 log.warning("stream migrated to a peer after %d tokens", len(lost.generated_ids))
                 return
             except Exception as exc:  # noqa: BLE001 - the peer died too, or was this replica
@@ -396,7 +401,7 @@ class Migrator:
             finally:
                 await _close(stream)
             generated += sent[len(generated):]
-        self.observer.migration("failed")
+        self._outcome("failed")
         yield error_event("the engine serving this request failed and no other replica "
                           "could continue it; retry the request")
         yield DONE

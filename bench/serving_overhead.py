@@ -15,6 +15,9 @@
 8. ``disaggregated-token1-decode``: 3 with ``handoff.first_token_from_prefill: false`` (decode
    samples token 1 after the KV handoff, as before issue 11), to show what streaming prefill's
    token 1 at once buys.
+9. ``disaggregated-front``: 3 with ``front.mode: separate`` (HTTP served by a FrontServer
+   replica that reaches decode over a handle, so streams survive a decode replica's death):
+   what that costs.
 
 The app setups run with ``app/serve_env.py``'s settings unless said otherwise.
 
@@ -60,9 +63,9 @@ from loadtests.servers import (  # noqa: E402
 SECTION = "bench:serving_overhead"
 # Setups compared by a check run next to each other (this machine's speed drifts in minutes).
 SETUPS = ("plain", "aggregated", "disaggregated", "disaggregated-token1-decode", "kv-router",
-          "plain-pd", "disaggregated-nixl-spin", "aggregated-ray-proxy")
+          "disaggregated-front", "plain-pd", "disaggregated-nixl-spin", "aggregated-ray-proxy")
 APP_SETUPS = ("aggregated", "disaggregated", "disaggregated-nixl-spin", "aggregated-ray-proxy",
-              "kv-router", "disaggregated-token1-decode")
+              "kv-router", "disaggregated-token1-decode", "disaggregated-front")
 HOST = "127.0.0.1"
 
 
@@ -175,8 +178,8 @@ def vllm_server_command(args, port: int, core: int, kv_config: dict | None) -> l
 
 
 def app_serve_config(args, mode: str, port: int, nixl_delay_us: int,
-                     policy: str = "power_of_two", token_one_from_prefill: bool = True
-                     ) -> dict[str, Any]:
+                     policy: str = "power_of_two", token_one_from_prefill: bool = True,
+                     front: str = "engine") -> dict[str, Any]:
     app_args = {
         "model": {"path": str(ROOT / args.model_path), "served_model_name": args.model_name},
         "mode": mode,
@@ -188,6 +191,7 @@ def app_serve_config(args, mode: str, port: int, nixl_delay_us: int,
         "engine_process": {"shm_busy_loop_s": args.shm_busy_loop_s},
         "routing": {"policy": policy},
         "handoff": {"first_token_from_prefill": token_one_from_prefill},
+        "front": {"mode": front},
     }
     if policy == "kv":  # same path as power_of_two (always remote prefill), plus the router
         app_args["routing"].update(local_prefill_max_tokens=0, advertise_host=HOST)
@@ -218,7 +222,8 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
         cfg_path = workdir / f"{setup}.yaml"
         policy = "kv" if setup == "kv-router" else "power_of_two"
         cfg_path.write_text(yaml.safe_dump(app_serve_config(
-            args, mode, port, delay, policy, setup != "disaggregated-token1-decode"),
+            args, mode, port, delay, policy, setup != "disaggregated-token1-decode",
+            "separate" if setup == "disaggregated-front" else "engine"),
             sort_keys=False))
         proc = start_serve_run(cfg_path, workdir / f"{setup}.log", ROOT, env,
                                fast_ingress=not setup.endswith("ray-proxy"))
@@ -296,6 +301,13 @@ def checks(results: dict[tuple[str, int], Result]) -> list[tuple[str, str, bool]
         k, d1 = p50("kv-router", "ttft"), p50("disaggregated", "ttft")
         rows.append(("KV router adds ≤ 2 ms TTFT p50 over power_of_two (concurrency 1)",
                      f"{fmt(k)} vs {fmt(d1)} + 2", k <= d1 + 2))
+    if have("disaggregated-front", "disaggregated"):
+        f, d1 = p50("disaggregated-front", "ttft"), p50("disaggregated", "ttft")
+        ft, dt = p50("disaggregated-front", "tpot"), p50("disaggregated", "tpot")
+        rows.append(("a separate front (front.mode: separate) adds ≤ 5 ms TTFT p50 and ≤ 10 % "
+                     "TPOT p50 (concurrency 1)",
+                     f"{fmt(f)} vs {fmt(d1)} + 5; {fmt(ft)} vs 1.1 × {fmt(dt)}",
+                     f <= d1 + 5 and ft <= 1.1 * dt))
     lowers("tpot", "disaggregated", "disaggregated-nixl-spin",
            "NIXL progress delay lowers disaggregated TPOT p50",
            "{} with the delay vs {} busy-polling")
@@ -325,7 +337,9 @@ def markdown(args, command: str, results: dict[tuple[str, int], Result]) -> str:
         "- App topology: the decode (or aggregated) engine replica is the HTTP ingress; Ray "
         "settings of `app/serve_env.py` (HAProxy + direct ingress) except in "
         "`aggregated-ray-proxy`. Routing `power_of_two` except `kv-router` (KV-aware ingress "
-        "router, local prefill off: the same disaggregated path plus the router). Token 1 of "
+        "router, local prefill off: the same disaggregated path plus the router). "
+        "`disaggregated-front`: HTTP served by a separate FrontServer replica (no CPU "
+        "reserved, unpinned) that reaches the decode replica over a handle. Token 1 of "
         "a disaggregated stream comes from prefill (`handoff.first_token_from_prefill`) "
         "except in `disaggregated-token1-decode`, where decode samples it after the handoff; "
         "TPOT is (last token - first token) / (tokens - 1), so it carries the handoff when "

@@ -24,6 +24,17 @@ import pytest
 
 from app.serve_env import REPLAY_RETRY_ON, RETRY_ON_ENV
 from tests.integration.actors import alive_replicas
+from tests.integration.chaos import (
+    STREAMS,
+    TOKENS,
+    UNPINNED,
+    Stream,
+    assert_unbroken,
+    completion,
+    prompt,
+    replica_stats,
+    run_streams,
+)
 from tests.integration.serve_harness import (
     MODEL_NAME,
     app_config,
@@ -39,18 +50,8 @@ from tests.integration.serve_harness import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 APP = "chaos"
-STREAMS = 32
-TOKENS = 48
 LEASE_S = 12
 STORM = 1000
-_WORDS = "cache block prefill decode engine token stream replica router latency".split()
-UNPINNED = {"num_replicas": 2, "cpu_cores": None, "engine_args": {"dtype": "float32"},
-            "env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}}
-
-
-def prompt(i: int) -> str:
-    rng = random.Random(i)
-    return " ".join(rng.choice(_WORDS) for _ in range(200 + i % 100))
 
 
 @pytest.fixture(scope="module")
@@ -89,87 +90,15 @@ def _live(pool: str) -> dict:
 
 
 def _replica_stats(deployment: str, want: int = 2, strict: bool = True) -> dict[str, dict]:
-    """Each replica's stats (handle calls land on random replicas: ask until all answered)."""
-    found: dict[str, dict] = {}
-    handle = engine_handle(APP, deployment)
-    deadline = time.monotonic() + 60
-    while len(found) < want and time.monotonic() < deadline:
-        s = handle.stats.remote().result(timeout_s=30)
-        found[s["replica"]] = s
-    assert len(found) == want or not strict, found.keys()
-    return found
-
-
-class Stream(threading.Thread):
-    """One streamed completion: its text, events and final usage."""
-
-    def __init__(self, url: str, i: int):
-        super().__init__(daemon=True)
-        self.url, self.i = url, i
-        self.text, self.events, self.usage, self.ids = "", 0, [], []
-        self.times: list[float] = []
-        self.error: str | None = None
-        self.done = False
-
-    def run(self) -> None:
-        body = {"model": MODEL_NAME, "prompt": prompt(self.i), "max_tokens": TOKENS,
-                "temperature": 0, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": True}, "return_token_ids": True}
-        try:
-            with httpx.stream("POST", f"{self.url}/v1/completions", json=body,
-                              timeout=httpx.Timeout(300.0)) as r:
-                if r.status_code != 200:
-                    self.error = f"HTTP {r.status_code}: {r.read()[:300]!r}"
-                    return
-                for line in r.iter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data == "[DONE]":
-                        self.done = True
-                        continue
-                    obj = json.loads(data)
-                    if "error" in obj:
-                        self.error = f"error event: {obj['error']}"
-                        return
-                    for c in obj.get("choices") or []:
-                        self.text += c.get("text") or ""
-                        self.ids += c.get("token_ids") or []
-                        self.events += 1
-                        self.times.append(time.monotonic())
-                    if obj.get("usage") and not obj.get("choices"):
-                        self.usage.append(obj["usage"])
-        except Exception as exc:  # noqa: BLE001 - recorded as the stream's failure
-            self.error = f"{type(exc).__name__}: {exc}"
-
-
-def _run_streams(url: str, chaos=None) -> list[Stream]:
-    streams = [Stream(url, i) for i in range(STREAMS)]
-    for s in streams:
-        s.start()
-    if chaos is not None:
-        chaos(streams)
-    for s in streams:
-        s.join(300)
-    return streams
+    return replica_stats(APP, deployment, want, strict)
 
 
 @pytest.fixture(scope="module")
 def reference(base) -> dict[int, tuple[list[int], str]]:
     """The unbroken greedy run of every prompt (nothing killed): token ids and text."""
-    streams = _run_streams(base)
+    streams = run_streams(base)
     assert all(s.error is None and s.done for s in streams), [s.error for s in streams]
     return {s.i: (s.ids, s.text) for s in streams}
-
-
-def _assert_unbroken(streams: list[Stream], reference: dict) -> None:
-    failed = {s.i: s.error for s in streams if s.error or not s.done}
-    assert not failed, failed
-    for s in streams:
-        ids, text = reference[s.i]
-        assert len(s.ids) == TOKENS and s.ids == ids, (s.i, s.ids, ids)
-        assert s.text == text, (s.i, s.text, text)
-        assert len(s.usage) == 1 and s.usage[0]["completion_tokens"] == TOKENS, s.usage
 
 
 def _kill_engine_when_loaded(deployment: str, pool: str, min_running: int,
@@ -310,18 +239,18 @@ def test_disconnect_storm_frees_every_engine_and_spares_the_others(base, referen
     64 per request). Within the KV lease after the storm every engine is idle with no KV
     held; the 32 finish with the unbroken run's tokens; afterwards they decode as fast as
     before the storm (TPOT p50 within 1.5x, same test)."""
-    before_tpot = statistics.median(_tpot_ms(s) for s in _run_streams(base))
+    before_tpot = statistics.median(_tpot_ms(s) for s in run_streams(base))
     generated_before = _decode_generated()
     results: dict = {}
 
     def storm(streams: list[Stream]) -> None:
         results.update(asyncio.run(_storm(base, STORM)))
 
-    stayers = _run_streams(base, storm)
+    stayers = run_streams(base, storm)
     cancelled = results["before_first"] + results["mid_stream"]
     assert cancelled + results["finished"] == STORM, results
     assert results["before_first"] > 100 and results["mid_stream"] > 100, results
-    _assert_unbroken(stayers, reference)
+    assert_unbroken(stayers, reference)
     during_tpot = statistics.median(_tpot_ms(s) for s in stayers)
     wait_until(lambda: not _busy_engines(), LEASE_S + 5, interval=0.5,
                what="every engine idle with no KV held after the storm")
@@ -329,8 +258,8 @@ def test_disconnect_storm_frees_every_engine_and_spares_the_others(base, referen
     bound = STREAMS * TOKENS + results["received_tokens"] + 64 * results["finished"] \
         + 8 * cancelled
     assert generated <= bound, (generated, bound, results)
-    after = _run_streams(base)
-    _assert_unbroken(after, reference)
+    after = run_streams(base)
+    assert_unbroken(after, reference)
     after_tpot = statistics.median(_tpot_ms(s) for s in after)
     print(f"storm: {results}; decode generated {generated} (bound {bound}); stayers' TPOT "
           f"p50 before {before_tpot:.1f} ms, during {during_tpot:.1f}, after {after_tpot:.1f}")
@@ -341,9 +270,9 @@ def test_prefill_engine_killed_under_load_fails_nothing(base, reference):
     """>= 30 streams in flight, a prefill engine dies while it holds some: they fall back to
     local prefill (or the other prefill replica), none fails, tokens as unbroken."""
     chaos, killed = _kill_engine_when_loaded("PrefillServer", "prefill", 1, min_started=0)
-    streams = _run_streams(base, chaos)
+    streams = run_streams(base, chaos)
     assert killed, "nothing was killed"
-    _assert_unbroken(streams, reference)
+    assert_unbroken(streams, reference)
 
 
 def test_decode_engine_killed_mid_stream_streams_migrate(base, reference):
@@ -351,9 +280,9 @@ def test_decode_engine_killed_mid_stream_streams_migrate(base, reference):
     Every stream completes with the unbroken run's text and one usage, none fails: the dead
     engine's streams were continued on the other replica. Ray then replaces the replica."""
     chaos, killed = _kill_engine_when_loaded("DecodeServer", "decode", 5)
-    streams = _run_streams(base, chaos)
+    streams = run_streams(base, chaos)
     assert killed and killed["running"] >= 5, killed
-    _assert_unbroken(streams, reference)
+    assert_unbroken(streams, reference)
     print(f"decode engine killed with {killed['running']} streams on it, "
           f"{killed['started']} of {STREAMS} streams under way: all completed unbroken")
 
@@ -363,18 +292,7 @@ def test_decode_engine_killed_mid_stream_streams_migrate(base, reference):
                 and not any(s["engine_dead"] for s in stats.values()))
 
     wait_until(replaced, 300, interval=3, what="dead decode replica replaced")
-    _assert_unbroken(_run_streams(base), reference)  # and the app serves as before
-
-
-def _completion(url: str, i: int, out: dict) -> None:
-    body = {"model": MODEL_NAME, "prompt": prompt(i), "max_tokens": TOKENS, "temperature": 0,
-            "ignore_eos": True}
-    try:
-        r = httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(300.0))
-        out[i] = (r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200
-                  else r.text[:300])
-    except Exception as exc:  # noqa: BLE001 - recorded as the request's failure
-        out[i] = (None, f"{type(exc).__name__}: {exc}")
+    assert_unbroken(run_streams(base), reference)  # and the app serves as before
 
 
 def test_decode_replica_process_killed_unanswered_requests_replayed(base, reference):
@@ -389,7 +307,7 @@ def test_decode_replica_process_killed_unanswered_requests_replayed(base, refere
     actor_pid = {a.replica_id: a.pid for a in alive_replicas(APP, "DecodeServer")}
     assert set(engine_pids) <= set(actor_pid), (engine_pids, actor_pid)
     results: dict[int, tuple] = {}
-    threads = [threading.Thread(target=_completion, args=(base, i, results), daemon=True)
+    threads = [threading.Thread(target=completion, args=(base, i, results), daemon=True)
                for i in range(STREAMS)]
     for t in threads:
         t.start()

@@ -47,7 +47,10 @@ class FakeGenerator:
             raise self.outcome
         if not self.outcome:
             raise StopAsyncIteration
-        return self.outcome.pop(0)
+        item = self.outcome.pop(0)
+        if isinstance(item, BaseException):  # the stream breaks here
+            raise item
+        return item
 
     def cancel(self):
         self.cancelled = True
