@@ -25,7 +25,7 @@ def _ticker(label: str, realtime: bool, seconds: float, gap_s: float, queue: mp.
     if realtime:
         try:
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-        except (PermissionError, OSError) as exc:
+        except OSError as exc:  # PermissionError without root
             queue.put({"label": label, "error": f"no SCHED_FIFO: {exc}"})
             return
     gaps: list[tuple[float, float]] = []

@@ -16,6 +16,7 @@ import httpx
 from rich.console import Console
 
 from loadtests.metrics import SLO
+from loadtests.priority import PRIORITIES
 from loadtests.prompts import TokenSpace
 from loadtests.spec import parse_arrival, parse_ints, parse_rates, parse_workload
 
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--label", default=None, help="name of this setup in reports")
     run.add_argument("--no-progress", dest="progress", action="store_false")
     run.add_argument("--no-plots", dest="plots", action="store_false")
-    run.add_argument("--client-priority", choices=["normal", "realtime"], default="normal",
+    run.add_argument("--client-priority", choices=PRIORITIES, default="normal",
                      help="realtime: the client's event loop on SCHED_FIFO (root), so a server "
                           "on the same busy machine cannot starve the measurement")
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, get_args
 
 ClientPriority = Literal["normal", "realtime"]
+PRIORITIES = get_args(ClientPriority)  # the CLIs' choices
 
 
 @contextmanager

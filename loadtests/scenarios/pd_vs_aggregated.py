@@ -32,6 +32,7 @@ from loadtests.compare import compare_markdown, compare_plots, load_result_dir
 from loadtests.envinfo import hardware, hardware_line
 from loadtests.mdsection import update_file
 from loadtests.metrics import SLO
+from loadtests.priority import PRIORITIES
 from loadtests.servers import (
     port_free,
     repo_env,
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true",
                    help="rebuild the docs section from existing results")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--client-priority", choices=["normal", "realtime"], default="normal",
+    p.add_argument("--client-priority", choices=PRIORITIES, default="normal",
                    help="realtime: the load generator on SCHED_FIFO (root), so the engines "
                         "on the same cores cannot starve the measurement")
     return p
