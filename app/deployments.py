@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig, PhaseConfig, parse_core_spec
 from app.cpu_pinning import describe_affinity, engine_pids, pin_process_tree
+from app.diagnostics import heap_report
 from app.engine_clients import HandleEngineClient, LocalEngineClient
 from app.engine_host import EngineHost
 from app.engine_process import (
@@ -102,6 +103,7 @@ class EngineServer:
     def _prepare_environment(self, cfg: AppConfig, phase: PhaseConfig) -> None:
         """Engine processes are spawned from this one and inherit its environment."""
         env = os.environ
+        env.pop("PYTHONTRACEMALLOC", None)  # traces this replica (diagnostics), not engines
         env.setdefault("VLLM_LOGGING_LEVEL", cfg.log_level)
         env[NIXL_DELAY_ENV] = str(cfg.nixl.progress_delay_us)
         if cfg.engine_process.shm_busy_loop_s is not None:
@@ -217,6 +219,10 @@ class EngineServer:
 
     async def check_health(self) -> None:
         await self.host.check_health()
+
+    def heap(self) -> dict[str, Any]:
+        """This replica process's Python heap (app/diagnostics.py; bench/replica_heap.py)."""
+        return {"replica": _replica_id(), **heap_report()}
 
     def __del__(self):
         publisher = getattr(self, "publisher", None)

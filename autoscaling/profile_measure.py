@@ -488,10 +488,11 @@ def _session_gcs_address(session_leader: int) -> str | None:
     return None
 
 
-def replica_stats(session_leader: int, deployment: str, app_name: str = "pd"
-                  ) -> dict[str, Any] | None:
-    """``EngineServer.stats()`` of one replica, through a Ray driver attached to the app's
-    own cluster (a throwaway process; None if it cannot be reached)."""
+def replica_stats(session_leader: int, deployment: str, app_name: str = "pd",
+                  method: str = "stats") -> dict[str, Any] | None:
+    """``EngineServer.stats()`` (or another method's answer) of one replica, through a Ray
+    driver attached to the app's own cluster (a throwaway process; None if it cannot be
+    reached)."""
     address = _session_gcs_address(session_leader)
     if address is None:
         return None
@@ -501,12 +502,13 @@ def replica_stats(session_leader: int, deployment: str, app_name: str = "pd"
         "ray.init(address=sys.argv[1], namespace='serve', logging_level='ERROR', "
         "log_to_driver=False)\n"
         "h = serve.get_deployment_handle(sys.argv[2], app_name=sys.argv[3])\n"
-        "print('STATS' + json.dumps(h.stats.remote().result(timeout_s=60), default=str))\n")
+        "out = getattr(h, sys.argv[4]).remote().result(timeout_s=120)\n"
+        "print('STATS' + json.dumps(out, default=str))\n")
     try:
         # Attaching to a token-auth cluster (Ray's default for a local one) needs the mode
         # set; the token is the one ``serve run``'s Ray uses (~/.ray/auth_token).
         env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
-        out = subprocess.run([sys.executable, "-c", code, address, deployment, app_name],
+        out = subprocess.run([sys.executable, "-c", code, address, deployment, app_name, method],
                              capture_output=True, text=True, timeout=120, env=env)
     except subprocess.TimeoutExpired:
         return None
