@@ -4,13 +4,15 @@ threads, their unbroken reference, and each engine replica's stats."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import threading
 import time
 
 import httpx
 
-from tests.integration.serve_harness import MODEL_NAME, engine_handle
+from tests.integration.serve_harness import MODEL_NAME, engine_handle, wait_until
 
 STREAMS = 32
 TOKENS = 48
@@ -113,3 +115,42 @@ def completion(url: str, i: int, out: dict) -> None:
                   else r.text[:300])
     except Exception as exc:  # noqa: BLE001 - recorded as the request's failure
         out[i] = (None, f"{type(exc).__name__}: {exc}")
+
+
+def replica_processes(app: str, deployment: str) -> dict[str, list[int]]:
+    """Each replica's processes, its Ray actor first, then its engine's (from its stats):
+    killing them in that order takes the whole replica down before its engine, so nothing
+    in it can hand a request over."""
+    from tests.integration.actors import alive_replicas
+
+    engines = {r: [int(p) for p in s["affinity"]]
+               for r, s in replica_stats(app, deployment).items()}
+    actors = {a.replica_id: a.pid for a in alive_replicas(app, deployment)}
+    assert set(engines) <= set(actors), (engines, actors)
+    return {r: [actors[r], *pids] for r, pids in engines.items()}
+
+
+def kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def wait_replaced(app: str, deployment: str, replica: str) -> None:
+    """Until Ray has replaced ``replica`` (two replicas answer, ``replica`` not among them)."""
+    def replaced() -> bool:
+        stats = replica_stats(app, deployment, strict=False)
+        return len(stats) == 2 and replica not in stats
+
+    wait_until(replaced, 300, interval=3, what=f"killed {deployment} replica replaced")
+
+
+def assert_completions(results: dict[int, tuple], n: int, reference: dict) -> None:
+    """All ``n`` non-streamed completions (``completion``) answered 200 with the unbroken
+    run's text."""
+    failed = {i: r for i, r in results.items() if r[0] != 200}
+    assert len(results) == n and not failed, failed
+    for i, (_, text) in results.items():
+        assert text == reference[i][1], (i, text, reference[i][1])

@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import statistics
 import threading
 import time
@@ -23,17 +22,20 @@ import httpx
 import pytest
 
 from app.serve_env import REPLAY_RETRY_ON, RETRY_ON_ENV
-from tests.integration.actors import alive_replicas
 from tests.integration.chaos import (
     STREAMS,
     TOKENS,
     UNPINNED,
     Stream,
+    assert_completions,
     assert_unbroken,
     completion,
+    kill,
     prompt,
+    replica_processes,
     replica_stats,
     run_streams,
+    wait_replaced,
 )
 from tests.integration.serve_harness import (
     MODEL_NAME,
@@ -118,11 +120,7 @@ def _kill_engine_when_loaded(deployment: str, pool: str, min_running: int,
             victim = max(running, key=running.get) if running else None
             if victim and running[victim] >= min_running and started >= min_started:
                 killed.update(replica=victim, running=running[victim], started=started)
-                for pid in pids[victim]:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                kill(pids[victim])
                 return
             time.sleep(0.01)
         raise AssertionError(f"no {pool} replica reached {min_running} running streams")
@@ -302,10 +300,7 @@ def test_decode_replica_process_killed_unanswered_requests_replayed(base, refere
     replayed on the other replica (opt-in `retry-on empty-response`, app/serve_env.py): all
     complete with the unbroken run's text. (A stream already under way cannot survive the
     death of the process holding its socket; see README, Failover.)"""
-    engine_pids = {r: [int(p) for p in s["affinity"]]
-                   for r, s in _replica_stats("DecodeServer").items()}
-    actor_pid = {a.replica_id: a.pid for a in alive_replicas(APP, "DecodeServer")}
-    assert set(engine_pids) <= set(actor_pid), (engine_pids, actor_pid)
+    processes = replica_processes(APP, "DecodeServer")
     results: dict[int, tuple] = {}
     threads = [threading.Thread(target=completion, args=(base, i, results), daemon=True)
                for i in range(STREAMS)]
@@ -319,25 +314,13 @@ def test_decode_replica_process_killed_unanswered_requests_replayed(base, refere
         victim = max(running, key=running.get) if running else None
         if victim and running[victim] >= 5:
             killed.update(replica=victim, running=running[victim])
-            for pid in [actor_pid[victim], *engine_pids[victim]]:  # replica first: no migration
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill(processes[victim])  # the replica first: no migration
         time.sleep(0.01)
     for t in threads:
         t.join(300)
     assert killed, "no decode replica reached 5 running requests"
-    failed = {i: r for i, r in results.items() if r[0] != 200}
-    assert len(results) == STREAMS and not failed, failed
-    for i, (_, text) in results.items():
-        assert text == reference[i][1], (i, text, reference[i][1])
+    assert_completions(results, STREAMS, reference)
     print(f"decode replica process killed with {killed['running']} requests running on it: "
           f"all {STREAMS} completed")
-
-    def replaced() -> bool:
-        stats = _replica_stats("DecodeServer", strict=False)
-        return len(stats) == 2 and killed["replica"] not in stats
-
-    wait_until(replaced, 300, interval=3, what="killed decode replica replaced")
+    wait_replaced(APP, "DecodeServer", killed["replica"])
     wait_until(lambda: len(_live("decode")) == 2, 120, what="2 live decode replicas")

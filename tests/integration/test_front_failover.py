@@ -12,23 +12,24 @@ stream continues on the other decode replica from the tokens the client has.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.integration.actors import alive_replicas
 from tests.integration.chaos import (
     STREAMS,
     TOKENS,
     UNPINNED,
+    assert_completions,
     assert_unbroken,
     completion,
+    kill,
+    replica_processes,
     replica_stats,
     run_streams,
+    wait_replaced,
 )
 from tests.integration.serve_harness import (
     MODEL_NAME,
@@ -37,7 +38,6 @@ from tests.integration.serve_harness import (
     engine_handle,
     start_serve,
     stop_serve,
-    wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -112,10 +112,7 @@ def test_decode_replica_process_killed_mid_stream_streams_continue(base, referen
     most (>= 5) is SIGKILLed, its Ray actor and its engine processes. Every stream completes
     with the unbroken run's tokens, text and one usage; every completion with its text. The
     front counts the hand-overs; Ray then replaces the replica and the app serves as before."""
-    engine_pids = {r: [int(p) for p in s["affinity"]]
-                   for r, s in replica_stats(APP, "DecodeServer").items()}
-    actor_pid = {a.replica_id: a.pid for a in alive_replicas(APP, "DecodeServer")}
-    assert set(engine_pids) <= set(actor_pid), (engine_pids, actor_pid)
+    processes = replica_processes(APP, "DecodeServer")
     before = engine_handle(APP, "FrontServer").stats.remote().result(timeout_s=30)
     killed: dict = {}
     results: dict[int, tuple] = {}
@@ -133,11 +130,7 @@ def test_decode_replica_process_killed_mid_stream_streams_continue(base, referen
             victim = max(running, key=running.get)
             if running[victim] >= 5 and started >= 4:
                 killed.update(replica=victim, running=running[victim], started=started)
-                for pid in [actor_pid[victim], *engine_pids[victim]]:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                kill(processes[victim])
                 break
             time.sleep(0.02)
         for t in threads:
@@ -146,10 +139,7 @@ def test_decode_replica_process_killed_mid_stream_streams_continue(base, referen
     streams = run_streams(base, chaos)
     assert killed, "no decode replica reached 5 running requests"
     assert_unbroken(streams, reference)
-    failed = {i: r for i, r in results.items() if r[0] != 200}
-    assert len(results) == NON_STREAMED and not failed, failed
-    for i, (_, text) in results.items():
-        assert text == reference[i][1], (i, text, reference[i][1])
+    assert_completions(results, NON_STREAMED, reference)
     after = engine_handle(APP, "FrontServer").stats.remote().result(timeout_s=30)
     moved = {k: n - before["migration_outcomes"][k]
              for k, n in after["migration_outcomes"].items()}
@@ -159,10 +149,5 @@ def test_decode_replica_process_killed_mid_stream_streams_continue(base, referen
     print(f"decode replica process killed with {killed['running']} requests on it, "
           f"{killed['started']} of {STREAMS} streams under way: hand-overs {moved}, all "
           f"{STREAMS} streams ({TOKENS} tokens) and {NON_STREAMED} completions unbroken")
-
-    def replaced() -> bool:
-        stats = replica_stats(APP, "DecodeServer", strict=False)
-        return len(stats) == 2 and killed["replica"] not in stats
-
-    wait_until(replaced, 300, interval=3, what="killed decode replica replaced")
+    wait_replaced(APP, "DecodeServer", killed["replica"])
     assert_unbroken(run_streams(base), reference)
