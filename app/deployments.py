@@ -213,7 +213,7 @@ class EngineServer:
         """Engine counters plus where its processes may run (for checks and debugging)."""
         pids = engine_pids()
         flow = self.flow_stats() if isinstance(self, OpenAIFront) else {"migrations": 0}
-        return {**self.host.stats(), "role": self.role, "replica": _replica_id(),
+        return {**self.host.stats(), "role": self.role, "replica": replica_id(),
                 "affinity": describe_affinity(pids), "engine_dead": self.host.engine_dead(),
                 **flow}
 
@@ -222,7 +222,7 @@ class EngineServer:
 
     def heap(self) -> dict[str, Any]:
         """This replica process's Python heap (app/diagnostics.py; bench/replica_heap.py)."""
-        return {"replica": _replica_id(), **heap_report()}
+        return {"replica": replica_id(), **heap_report()}
 
     def __del__(self):
         publisher = getattr(self, "publisher", None)
@@ -239,7 +239,7 @@ def _node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
-def _replica_id() -> str | None:
+def replica_id() -> str | None:
     try:
         return serve.get_replica_context().replica_id.to_full_id_str()
     except Exception:  # noqa: BLE001 - outside Serve
@@ -295,7 +295,7 @@ class EngineFront(EngineServer, OpenAIFront):
             self._peers = HandleEngineClient(
                 serve.get_deployment_handle(ctx.deployment, ctx.app_name),
                 self.cfg.handoff.handle_transport)
-        return self._peers.stream(kind, request, exclude_replica=_replica_id())
+        return self._peers.stream(kind, request, exclude_replica=replica_id())
 
 
 @serve.deployment

@@ -113,8 +113,10 @@ class RemoteDecodeClient:
     another replica, as the engine-hosting front does when its own engine dies.
     """
 
-    def __init__(self, handle: Any, transport: HandleTransport = "grpc"):
-        self._client = HandleEngineClient(handle, transport)
+    def __init__(self, client: HandleEngineClient):
+        """``client``: the decode deployment's handle client (its raw streams also serve
+        the migrator's peers)."""
+        self._client = client
 
     async def call_once(self, kind: str, request: Any, **routing: Any) -> Head:
         return await self._client.call_once(kind, request, **routing)

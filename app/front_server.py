@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig
+from app.deployments import replica_id
 from app.engine_clients import HandleEngineClient, RemoteDecodeClient
 from app.ingress import OpenAIFront
 
@@ -29,18 +30,16 @@ class FrontServer(OpenAIFront):
         cfg = AppConfig.model_validate(config)
         transport = cfg.handoff.handle_transport
         info = await engines.engine_info.remote()  # waits for an engine replica to be up
-        peers = HandleEngineClient(engines, transport)
+        decode = HandleEngineClient(engines, transport)
         self._init_front(
             cfg,
-            RemoteDecodeClient(engines, transport),
+            RemoteDecodeClient(decode),
             HandleEngineClient(prefill, transport) if prefill is not None else None,
-            peer=peers.stream if cfg.server.max_migrations > 0 else None,
+            peer=decode.stream if cfg.server.max_migrations > 0 else None,
             block_size=info["block_size"],
             max_model_len=info["max_model_len"],
         )
 
     async def stats(self) -> dict[str, Any]:
         """Hand-overs and token-1 sources seen by this front (for checks and debugging)."""
-        return {"role": "front",
-                "replica": serve.get_replica_context().replica_id.to_full_id_str(),
-                **self.flow_stats()}
+        return {"role": "front", "replica": replica_id(), **self.flow_stats()}

@@ -10,7 +10,7 @@ import json
 import pytest
 from pydantic import BaseModel
 
-from app.engine_clients import RemoteDecodeClient
+from app.engine_clients import HandleEngineClient, RemoteDecodeClient
 from app.engine_protocol import Head
 from app.migration import DONE, EngineLost
 from app.stream_ledger import StreamLedger
@@ -101,7 +101,7 @@ def client_with(outcome) -> tuple[RemoteDecodeClient, dict]:
     family: dict = {}
     handle = FakeHandle({"generate": outcome}, family=family)
     family[("outcomes", True)] = {"generate": outcome}
-    return RemoteDecodeClient(handle, "grpc"), family
+    return RemoteDecodeClient(HandleEngineClient(handle, "grpc")), family
 
 
 async def drain(stream) -> list:
