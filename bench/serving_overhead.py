@@ -18,6 +18,12 @@
 9. ``disaggregated-front``: 3 with ``front.mode: separate`` (HTTP served by a FrontServer
    replica that reaches decode over a handle, so streams survive a decode replica's death):
    what that costs.
+10. ``plain-pd-push``: 4 with vLLM's ``NixlPushConnector`` and early decode admission: the
+   client sends the prefill and the decode request *at the same time* (one shared request id,
+   decode told the prefill engine's NIXL coordinates up front); decode allocates its blocks
+   and registers them with prefill while prefill computes, and prefill WRITEs the KV into them
+   when it finishes. The design of ``docs/HANDOFF.md`` measured at the engine level, before
+   the app builds it.
 
 The app setups run with ``app/serve_env.py``'s settings unless said otherwise.
 
@@ -25,7 +31,7 @@ Same model, engine settings, prompts (random token ids, unique per request so no
 hits) and output lengths for all; concurrency 1 and 4 (closed loop). Writes its section of
 ``docs/BENCHMARKS.md`` with the command and checks the targets of issue 2 as ratios::
 
-    python bench/serving_overhead.py            # ~9 minutes on 2 cores
+    python bench/serving_overhead.py            # ~20 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import random
 import shlex
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -49,6 +56,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.cpu_pinning import describe_affinity, engine_pids, pin_process_tree  # noqa: E402
 from app.ports import free_port  # noqa: E402
 from loadtests.envinfo import hardware, hardware_line  # noqa: E402
 from loadtests.mdsection import update_file  # noqa: E402
@@ -63,10 +71,12 @@ from loadtests.servers import (  # noqa: E402
 SECTION = "bench:serving_overhead"
 # Setups compared by a check run next to each other (this machine's speed drifts in minutes).
 SETUPS = ("plain", "aggregated", "disaggregated", "disaggregated-token1-decode", "kv-router",
-          "disaggregated-front", "plain-pd", "disaggregated-nixl-spin", "aggregated-ray-proxy")
+          "disaggregated-front", "plain-pd", "plain-pd-push", "disaggregated-nixl-spin",
+          "aggregated-ray-proxy")
 APP_SETUPS = ("aggregated", "disaggregated", "disaggregated-nixl-spin", "aggregated-ray-proxy",
               "kv-router", "disaggregated-token1-decode", "disaggregated-front")
 HOST = "127.0.0.1"
+PUSH_PREFILL_ENGINE = "plain-pd-push-prefill"  # the prefill engine's NIXL id (kv config)
 
 
 @dataclass
@@ -122,6 +132,8 @@ async def stream_completion(http: httpx.AsyncClient, url: str, body: dict, t0: f
 
 async def one_request(http, setup: str, urls: dict[str, str], body: dict) -> Sample:
     t0 = time.perf_counter()
+    if setup == "plain-pd-push":
+        return await push_request(http, urls, body, t0)
     if setup != "plain-pd":
         return await stream_completion(http, urls["main"] + "/v1/completions", body, t0)
     prefill = {
@@ -134,6 +146,27 @@ async def one_request(http, setup: str, urls: dict[str, str], body: dict) -> Sam
     r.raise_for_status()
     decode = {**body, "kv_transfer_params": r.json()["kv_transfer_params"]}
     return await stream_completion(http, urls["decode"] + "/v1/completions", decode, t0)
+
+
+async def push_request(http, urls: dict[str, str], body: dict, t0: float) -> Sample:
+    """Both legs at once: vLLM's push connector matches them by the shared request id."""
+    rid = uuid.uuid4().hex
+    prefill = {**body, "max_tokens": 1, "stream": False, "request_id": rid,
+               "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False}}
+    decode = {**body, "request_id": rid, "kv_transfer_params": {
+        "do_remote_prefill": True, "do_remote_decode": False,
+        "remote_engine_id": PUSH_PREFILL_ENGINE, "remote_host": HOST,
+        "remote_port": int(urls["prefill_nixl_port"]), "tp_size": 1,
+        # Prefill's own id is not known up front; vLLM's connector only uses it for lease
+        # heartbeats, which the push path does not need (prefill writes as it finishes).
+        "remote_request_id": f"cmpl-{rid}"}}
+    leg = asyncio.create_task(http.post(urls["prefill"] + "/v1/completions", json=prefill))
+    try:
+        sample = await stream_completion(http, urls["decode"] + "/v1/completions", decode, t0)
+    finally:
+        r = await leg
+    r.raise_for_status()
+    return sample
 
 
 async def run_closed_loop(setup: str, urls: dict[str, str], model: str, prompts, concurrency: int,
@@ -215,6 +248,7 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
     if args.shm_busy_loop_s is not None:  # the same plugin applies it to plain servers
         env["PD_SHM_BUSY_LOOP_S"] = str(args.shm_busy_loop_s)
     procs, urls = [], {}
+    cores: list[int] = []  # plain servers' cores, in the order of procs
     if setup in APP_SETUPS:
         port = free_port()
         mode = "aggregated" if setup.startswith("aggregated") else "disaggregated"
@@ -234,21 +268,44 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
         proc = start_logged(vllm_server_command(args, port, 0, None), workdir / "plain.log",
                             ROOT, {**env, "VLLM_CPU_OMP_THREADS_BIND": "0"})
         procs.append((proc, port, workdir / "plain.log"))
+        cores.append(0)
         urls["main"] = f"http://{HOST}:{port}"
     else:
+        push = setup == "plain-pd-push"
         for role, core in (("prefill", 0), ("decode", 1)):
-            port = free_port()
-            kv = {"kv_connector": "NixlConnector", "kv_buffer_device": "cpu",
+            port, nixl_port = free_port(), free_port()
+            kv = {"kv_connector": "NixlPushConnector" if push else "NixlConnector",
+                  "kv_buffer_device": "cpu",
                   "kv_role": "kv_producer" if role == "prefill" else "kv_consumer"}
+            if push:
+                kv["engine_id"] = f"{setup}-{role}"
             role_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": str(core),
-                        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port())}
-            log = workdir / f"plain-pd-{role}.log"
+                        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(nixl_port)}
+            log = workdir / f"{setup}-{role}.log"
             proc = start_logged(vllm_server_command(args, port, core, kv), log, ROOT, role_env)
             procs.append((proc, port, log))
+            cores.append(core)
             urls[role] = f"http://{HOST}:{port}"
-    for (proc, _port, log), url in zip(procs, urls.values(), strict=True):
+            if role == "prefill":
+                urls["prefill_nixl_port"] = str(nixl_port)
+    servers = [u for k, u in urls.items() if k in ("main", "prefill", "decode")]
+    for (proc, _port, log), url in zip(procs, servers, strict=True):
         wait_ready(url, args.model_name, proc, log, args.startup_timeout)
+    for (proc, _port, _log), core in zip(procs, cores, strict=False):
+        pin_plain_server(proc.pid, core)
     return procs, urls
+
+
+def pin_plain_server(pid: int, core: int) -> None:
+    """Pin a plain vLLM server's every process and thread to its core, as the app pins its
+    engines (``app/cpu_pinning.py``): ``taskset`` and ``VLLM_CPU_OMP_THREADS_BIND`` leave the
+    worker process where vLLM's own binding puts it, measured here on the *other* engine's
+    core, which made prefill and decode share one core whenever they overlap."""
+    pids = [pid, *engine_pids(pid)]
+    pin_process_tree({core}, pids)
+    stray = {p: c for p, c in describe_affinity(pids).items() if c != [core]}
+    if stray:
+        raise RuntimeError(f"could not pin server {pid} to core {core}: {stray}")
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -309,6 +366,12 @@ def checks(results: dict[tuple[str, int], Result]) -> list[tuple[str, str, bool 
             rows.append((f"what a separate front (front.mode: separate) costs (concurrency {c})",
                          f"TTFT p50 {ttft:+.1f} ms, TPOT p50 "
                          f"{f.stat('tpot', 50) / d.stat('tpot', 50):.2f}×", None))
+    for c in (1, 4):  # the early-admission design, measured on plain vLLM before the app has it
+        if have("plain-pd-push", "plain-pd", c=c):
+            u, p = results[("plain-pd-push", c)], results[("plain-pd", c)]
+            rows.append((f"plain P/D with push + early decode admission vs pull (concurrency "
+                         f"{c})", f"TTFT p50 {u.stat('ttft', 50) - p.stat('ttft', 50):+.1f} ms, "
+                         f"TPOT p50 {u.stat('tpot', 50) / p.stat('tpot', 50):.2f}×", None))
     lowers("tpot", "disaggregated", "disaggregated-nixl-spin",
            "NIXL progress delay lowers disaggregated TPOT p50",
            "{} with the delay vs {} busy-polling")
@@ -344,7 +407,9 @@ def markdown(args, command: str, results: dict[tuple[str, int], Result]) -> str:
         "a disaggregated stream comes from prefill (`handoff.first_token_from_prefill`) "
         "except in `disaggregated-token1-decode`, where decode samples it after the handoff; "
         "TPOT is (last token - first token) / (tokens - 1), so it carries the handoff when "
-        "token 1 comes from prefill.",
+        "token 1 comes from prefill. Plain servers: every process and thread pinned to its "
+        "core after start-up (as the app pins its engines). `plain-pd-push`: vLLM's "
+        "`NixlPushConnector`, both legs sent at once with one request id.",
         "",
         "| setup | conc | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | ok | errors |",
         "|---|---|---|---|---|---|---|---|",
