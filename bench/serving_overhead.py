@@ -200,7 +200,7 @@ def engine_settings(args) -> dict[str, Any]:
 
 
 def vllm_server_command(args, port: int, core: int, kv_config: dict | None) -> list[str]:
-    cmd = ["taskset", "-c", str(core), sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
            "--model", str(ROOT / args.model_path), "--served-model-name", args.model_name,
            "--host", HOST, "--port", str(port), "--max-model-len", str(args.max_model_len),
            "--block-size", "32", "--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30),
@@ -297,11 +297,12 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
 
 
 def pin_plain_server(pid: int, core: int) -> None:
-    """Pin a plain vLLM server's every process and thread to its core, as the app pins its
-    engines (``app/cpu_pinning.py``): ``taskset`` and ``VLLM_CPU_OMP_THREADS_BIND`` leave the
-    worker process where vLLM's own binding puts it, measured here on the *other* engine's
-    core, which made prefill and decode share one core whenever they overlap."""
-    pids = [pid, *engine_pids(pid)]
+    """Pin a plain vLLM server's engine processes (engine core, worker: every thread) to its
+    core and leave its API server process free, as the app pins its engines and not its
+    replicas (``app/cpu_pinning.py``). ``taskset`` and ``VLLM_CPU_OMP_THREADS_BIND`` alone left
+    the worker where vLLM's own binding put it, measured on the *other* engine's core: prefill
+    and decode then shared one core whenever they overlapped."""
+    pids = engine_pids(pid)
     pin_process_tree({core}, pids)
     stray = {p: c for p, c in describe_affinity(pids).items() if c != [core]}
     if stray:
