@@ -76,7 +76,11 @@ SETUPS = ("plain", "aggregated", "disaggregated", "disaggregated-token1-decode",
 APP_SETUPS = ("aggregated", "disaggregated", "disaggregated-nixl-spin", "aggregated-ray-proxy",
               "kv-router", "disaggregated-token1-decode", "disaggregated-front")
 HOST = "127.0.0.1"
-PUSH_PREFILL_ENGINE = "plain-pd-push-prefill"  # the prefill engine's NIXL id (kv config)
+
+
+def push_engine_id(role: str) -> str:
+    """A ``plain-pd-push`` engine's fixed NIXL id: decode names prefill's in its request."""
+    return f"plain-pd-push-{role}"
 
 
 @dataclass
@@ -155,7 +159,7 @@ async def push_request(http, urls: dict[str, str], body: dict, t0: float) -> Sam
                "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False}}
     decode = {**body, "request_id": rid, "kv_transfer_params": {
         "do_remote_prefill": True, "do_remote_decode": False,
-        "remote_engine_id": PUSH_PREFILL_ENGINE, "remote_host": HOST,
+        "remote_engine_id": push_engine_id("prefill"), "remote_host": HOST,
         "remote_port": int(urls["prefill_nixl_port"]), "tp_size": 1,
         # Prefill's own id is not known up front; vLLM's connector only uses it for lease
         # heartbeats, which the push path does not need (prefill writes as it finishes).
@@ -248,7 +252,7 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
     if args.shm_busy_loop_s is not None:  # the same plugin applies it to plain servers
         env["PD_SHM_BUSY_LOOP_S"] = str(args.shm_busy_loop_s)
     procs, urls = [], {}
-    cores: list[int] = []  # plain servers' cores, in the order of procs
+    to_pin: list[tuple[int, int]] = []  # plain servers: (pid, core), pinned once ready
     if setup in APP_SETUPS:
         port = free_port()
         mode = "aggregated" if setup.startswith("aggregated") else "disaggregated"
@@ -268,7 +272,7 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
         proc = start_logged(vllm_server_command(args, port, 0, None), workdir / "plain.log",
                             ROOT, {**env, "VLLM_CPU_OMP_THREADS_BIND": "0"})
         procs.append((proc, port, workdir / "plain.log"))
-        cores.append(0)
+        to_pin.append((proc.pid, 0))
         urls["main"] = f"http://{HOST}:{port}"
     else:
         push = setup == "plain-pd-push"
@@ -278,21 +282,20 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
                   "kv_buffer_device": "cpu",
                   "kv_role": "kv_producer" if role == "prefill" else "kv_consumer"}
             if push:
-                kv["engine_id"] = f"{setup}-{role}"
+                kv["engine_id"] = push_engine_id(role)
             role_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": str(core),
                         "VLLM_NIXL_SIDE_CHANNEL_PORT": str(nixl_port)}
             log = workdir / f"{setup}-{role}.log"
             proc = start_logged(vllm_server_command(args, port, core, kv), log, ROOT, role_env)
             procs.append((proc, port, log))
-            cores.append(core)
+            to_pin.append((proc.pid, core))
             urls[role] = f"http://{HOST}:{port}"
             if role == "prefill":
                 urls["prefill_nixl_port"] = str(nixl_port)
-    servers = [u for k, u in urls.items() if k in ("main", "prefill", "decode")]
-    for (proc, _port, log), url in zip(procs, servers, strict=True):
-        wait_ready(url, args.model_name, proc, log, args.startup_timeout)
-    for (proc, _port, _log), core in zip(procs, cores, strict=False):
-        pin_plain_server(proc.pid, core)
+    for proc, port, log in procs:
+        wait_ready(f"http://{HOST}:{port}", args.model_name, proc, log, args.startup_timeout)
+    for pid, core in to_pin:
+        pin_plain_server(pid, core)
     return procs, urls
 
 
@@ -408,8 +411,9 @@ def markdown(args, command: str, results: dict[tuple[str, int], Result]) -> str:
         "a disaggregated stream comes from prefill (`handoff.first_token_from_prefill`) "
         "except in `disaggregated-token1-decode`, where decode samples it after the handoff; "
         "TPOT is (last token - first token) / (tokens - 1), so it carries the handoff when "
-        "token 1 comes from prefill. Plain servers: every process and thread pinned to its "
-        "core after start-up (as the app pins its engines). `plain-pd-push`: vLLM's "
+        "token 1 comes from prefill. Plain servers: engine processes (every thread) pinned to "
+        "their core after start-up, API server free (as the app pins engines, not replicas). "
+        "`plain-pd-push`: vLLM's "
         "`NixlPushConnector`, both legs sent at once with one request id.",
         "",
         "| setup | conc | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | ok | errors |",
