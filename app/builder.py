@@ -114,8 +114,12 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
 
 
 def _prefill(cfg: AppConfig, raw: dict[str, Any]) -> Application:
-    router_cls = {"kv": f"{_POOL_ROUTERS}:PrefillPoolRouter",
-                  "prefix_affinity": PREFIX_AFFINITY_ROUTER}.get(cfg.routing.policy)
+    # PrefillPoolRouter also publishes the replica set (and their plane endpoints) in the
+    # front's process: the prefill plane needs it under power_of_two too.
+    pool = f"{_POOL_ROUTERS}:PrefillPoolRouter"
+    router_cls = {"kv": pool, "prefix_affinity": PREFIX_AFFINITY_ROUTER,
+                  "power_of_two": pool if cfg.uses_prefill_plane else None
+                  }.get(cfg.routing.policy)
     router = _router(router_cls) if router_cls else {}
     return PrefillServer.options(**_engine_options(cfg, "prefill"), **router).bind(raw)
 

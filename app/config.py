@@ -148,6 +148,13 @@ class HandoffConfig(_Strict):
         "migrations): 'grpc', Ray Serve's by-value channel straight to the replica's "
         "gRPC server (~1 ms less per call, measured), or 'actor', Ray actor calls. Requests "
         "over the gRPC message limit go as actor calls either way.")
+    prefill_plane: bool = Field(
+        True, description="The prefill leg over the app's own persistent TCP connection "
+        "from each front to each prefill replica (app/handoff/prefill_plane.py), not a Ray "
+        "Serve handle call: no Ray request router or thread hops on either side. Replicas "
+        "are chosen as the handle would (the KV router's pick, else power of two on the "
+        "front's own calls in flight); used with routing.policy kv or power_of_two, not "
+        "prefix_affinity (whose choice lives in Ray's request router).")
 
 
 class MetricsConfig(_Strict):
@@ -201,8 +208,9 @@ class RoutingConfig(_Strict):
         3.0, gt=0, description="A replica whose load heartbeat is silent this long is left "
         "out of routing (it died or hangs).")
     advertise_host: str | None = Field(
-        None, description="Address replicas advertise for their KV-event and load sockets; "
-        "None = the node IP.")
+        None, description="Address replicas advertise for their KV-event and load sockets "
+        "and prefill replicas for their prefill plane (handoff.prefill_plane); None = the "
+        "node IP.")
     bind_host: str | None = Field(
         None, description="Where those sockets listen: None = the advertised address only "
         "(cluster-internal); '*' = every interface (e.g. behind NAT, where the advertised "
@@ -295,6 +303,12 @@ class AppConfig(_Strict):
         if self.mode == "aggregated":
             return [("aggregated", self.aggregated)]
         return [("prefill", self.prefill), ("decode", self.decode)]
+
+    @property
+    def uses_prefill_plane(self) -> bool:
+        """Whether prefill legs take app/handoff/prefill_plane.py (``handoff.prefill_plane``)."""
+        return (self.mode != "aggregated" and self.handoff.prefill_plane
+                and self.routing.policy != "prefix_affinity")
 
     def engine_kwargs(self, role: str, kv_buffer_device: str) -> dict[str, Any]:
         """vLLM engine kwargs for one role: shared args, phase args, then the KV connector."""

@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from app.config import AppConfig, PhaseConfig, parse_core_spec
 from app.cpu_pinning import describe_affinity, engine_pids, pin_process_tree
 from app.diagnostics import heap_report
-from app.engine_clients import HandleEngineClient, LocalEngineClient
+from app.engine_clients import HandleEngineClient, LocalEngineClient, prefill_client
 from app.engine_host import EngineHost
 from app.engine_process import (
     KV_EVENTS_BIND_ENV,
@@ -30,6 +30,7 @@ from app.engine_process import (
     setup_engine_process,
 )
 from app.engine_protocol import Head
+from app.handoff.prefill_plane import PlaneServer
 from app.ingress import OpenAIFront
 from app.metrics.math import phase_label
 from app.metrics.ray_metrics import EngineMetrics
@@ -88,6 +89,12 @@ class EngineServer:
         self.tracker: RequestTracker | None = None
         if self.kv_router:
             self._start_load_reports(cfg)
+        self.plane: PlaneServer | None = None
+        if self.role == "prefill" and cfg.uses_prefill_plane:
+            self.plane = PlaneServer(self.generate_once, cfg.routing.advertise_host or _node_ip(),
+                                     cfg.routing.bind_host)
+            await self.plane.start()
+            self._metadata["prefill_plane"] = self.plane.endpoint()
         log.info("%s replica %s ready (cores=%s)", self.role, rank, sorted(self.cores or []))
 
     async def _refresh_gauges(self) -> None:
@@ -215,7 +222,7 @@ class EngineServer:
         flow = self.flow_stats() if isinstance(self, OpenAIFront) else {"migrations": 0}
         return {**self.host.stats(), "role": self.role, "replica": replica_id(),
                 "affinity": describe_affinity(pids), "engine_dead": self.host.engine_dead(),
-                **flow}
+                "plane_calls": self.plane.calls if self.plane is not None else 0, **flow}
 
     async def check_health(self) -> None:
         await self.host.check_health()
@@ -225,6 +232,9 @@ class EngineServer:
         return {"replica": replica_id(), **heap_report()}
 
     def __del__(self):
+        plane = getattr(self, "plane", None)
+        if plane is not None:
+            plane.close()
         publisher = getattr(self, "publisher", None)
         if publisher is not None:
             publisher.close()
@@ -272,8 +282,7 @@ class EngineFront(EngineServer, OpenAIFront):
         self._init_front(
             self.cfg,
             LocalEngineClient(self.host),
-            HandleEngineClient(prefill, self.cfg.handoff.handle_transport)
-            if prefill is not None else None,
+            prefill_client(prefill, self.cfg) if prefill is not None else None,
             self.tracker,
             self._peer_stream if self.cfg.server.max_migrations > 0 else None,
             block_size=self.host.block_size,

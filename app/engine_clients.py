@@ -8,15 +8,17 @@ token and every later one go straight from vLLM to the socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from app.config import HandleTransport
+from app.config import AppConfig, HandleTransport
 from app.engine_host import EngineHost
 from app.engine_protocol import Head
+from app.handoff.prefill_plane import PlanePrefillClient
 from app.migration import EngineLost
 from app.stream_ledger import StreamLedger
 
@@ -101,6 +103,28 @@ class HandleEngineClient:
 
     async def check_health(self) -> None:
         await self._actor.check_health.remote()
+
+
+def prefill_client(handle: Any, cfg: AppConfig) -> Any:
+    """The front's way to the prefill deployment: its handle, or the prefill plane
+    (``handoff.prefill_plane``) over the replica set Ray's long-poll keeps for that handle
+    (published by ``PrefillPoolRouter`` into this process's registry)."""
+    client = HandleEngineClient(handle, cfg.handoff.handle_transport)  # initializes the handle
+    if not cfg.uses_prefill_plane:
+        return client
+    from app.routing import replica_registry
+
+    plane = PlanePrefillClient(client)
+    loop = asyncio.get_running_loop()
+    name = handle.deployment_name
+
+    def changed(deployment: str, replicas: dict[str, dict[str, Any]]) -> None:
+        if deployment == name:  # called on Ray's router loop: update on ours
+            with contextlib.suppress(RuntimeError):  # our loop closed: shutting down
+                loop.call_soon_threadsafe(plane.pool.update, replicas)
+
+    replica_registry.on_change(changed)
+    return plane
 
 
 class RemoteDecodeClient:

@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.config import AppConfig
 from app.deployments import replica_id
-from app.engine_clients import HandleEngineClient, RemoteDecodeClient
+from app.engine_clients import HandleEngineClient, RemoteDecodeClient, prefill_client
 from app.ingress import OpenAIFront
 
 
@@ -34,7 +34,7 @@ class FrontServer(OpenAIFront):
         self._init_front(
             cfg,
             RemoteDecodeClient(decode),
-            HandleEngineClient(prefill, transport) if prefill is not None else None,
+            prefill_client(prefill, cfg) if prefill is not None else None,
             peer=decode.stream if cfg.server.max_migrations > 0 else None,
             block_size=info["block_size"],
             max_model_len=info["max_model_len"],

@@ -44,7 +44,7 @@ from app.handoff.timeline import DETAIL_STAGES, STAGES, median_stages  # noqa: E
 from app.ports import free_port  # noqa: E402
 from loadtests.envinfo import hardware, hardware_line  # noqa: E402
 from loadtests.mdsection import update_file  # noqa: E402
-from loadtests.servers import running_app  # noqa: E402
+from loadtests.servers import apply_overrides, running_app  # noqa: E402
 
 SECTION = "bench:handoff"
 HOST = "127.0.0.1"
@@ -165,29 +165,27 @@ def app_config(args, model: str, port: int, first_token: bool, kv_dtype: str) ->
               "kv_cache_memory_bytes": 1 << 30}
     if kv_dtype != "auto":
         engine["kv_cache_dtype"] = kv_dtype
+    app_args = {
+        "model": {"path": str(ROOT / "models" / model), "served_model_name": model},
+        "mode": "disaggregated",
+        "engine_args": engine,
+        "prefill": {"cpu_cores": ["0"]},
+        "decode": {"cpu_cores": ["1"]},
+        "nixl": {"side_channel_host": HOST, "progress_delay_us": args.nixl_delay_us},
+        "engine_process": {"shm_busy_loop_s": 0.002},
+        # every request disaggregated (the KV router would prefill short prompts on
+        # decode: not with local_prefill_max_tokens 0)
+        "routing": ({"policy": "kv", "local_prefill_max_tokens": 0, "advertise_host": HOST}
+                    if args.policy == "kv" else {"policy": "power_of_two"}),
+        "handoff": {"first_token_from_prefill": first_token, "timeline": True},
+    }
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": HOST, "port": port},
         "logging_config": {"log_level": "INFO", "enable_access_log": False},
         "applications": [{"name": "pd", "route_prefix": "/",
-                          "import_path": "app.builder:build_app", "args": {
-                              "model": {"path": str(ROOT / "models" / model),
-                                        "served_model_name": model},
-                              "mode": "disaggregated",
-                              "engine_args": engine,
-                              "prefill": {"cpu_cores": ["0"]},
-                              "decode": {"cpu_cores": ["1"]},
-                              "nixl": {"side_channel_host": HOST,
-                                       "progress_delay_us": args.nixl_delay_us},
-                              "engine_process": {"shm_busy_loop_s": 0.002},
-                              # every request disaggregated (the KV router would prefill
-                              # short prompts on decode: not with local_prefill_max_tokens 0)
-                              "routing": ({"policy": "kv", "local_prefill_max_tokens": 0,
-                                           "advertise_host": HOST} if args.policy == "kv"
-                                          else {"policy": "power_of_two"}),
-                              "handoff": {"first_token_from_prefill": first_token,
-                                          "timeline": True},
-                          }}],
+                          "import_path": "app.builder:build_app",
+                          "args": apply_overrides(app_args, args.set)}],
     }
 
 
@@ -373,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--nixl-delay-us", type=int, default=100)
     parser.add_argument("--skip-small", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
+                        help="override an app setting (experiments), e.g. "
+                        "--set handoff.prefill_plane=false")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "handoff")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     parser.add_argument("--no-docs", action="store_true")

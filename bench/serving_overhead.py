@@ -24,6 +24,8 @@
    and registers them with prefill while prefill computes, and prefill WRITEs the KV into them
    when it finishes. The design of ``docs/HANDOFF.md`` measured at the engine level, before
    the app builds it.
+11. ``disaggregated-handle``: 3 with ``handoff.prefill_plane: false`` (the prefill leg as a
+   Ray Serve handle call instead of over the app's own connection): what the plane buys.
 
 The app setups run with ``app/serve_env.py``'s settings unless said otherwise.
 
@@ -62,6 +64,7 @@ from loadtests.envinfo import hardware, hardware_line  # noqa: E402
 from loadtests.mdsection import update_file  # noqa: E402
 from loadtests.metrics import percentile  # noqa: E402
 from loadtests.servers import (  # noqa: E402
+    apply_overrides,
     start_logged,
     start_serve_run,
     stop_process_group,
@@ -70,11 +73,12 @@ from loadtests.servers import (  # noqa: E402
 
 SECTION = "bench:serving_overhead"
 # Setups compared by a check run next to each other (this machine's speed drifts in minutes).
-SETUPS = ("plain", "aggregated", "disaggregated", "disaggregated-token1-decode", "kv-router",
-          "disaggregated-front", "plain-pd", "plain-pd-push", "disaggregated-nixl-spin",
-          "aggregated-ray-proxy")
+SETUPS = ("plain", "aggregated", "disaggregated", "disaggregated-handle",
+          "disaggregated-token1-decode", "kv-router", "disaggregated-front", "plain-pd",
+          "plain-pd-push", "disaggregated-nixl-spin", "aggregated-ray-proxy")
 APP_SETUPS = ("aggregated", "disaggregated", "disaggregated-nixl-spin", "aggregated-ray-proxy",
-              "kv-router", "disaggregated-token1-decode", "disaggregated-front")
+              "kv-router", "disaggregated-token1-decode", "disaggregated-front",
+              "disaggregated-handle")
 HOST = "127.0.0.1"
 
 
@@ -216,7 +220,7 @@ def vllm_server_command(args, port: int, core: int, kv_config: dict | None) -> l
 
 def app_serve_config(args, mode: str, port: int, nixl_delay_us: int,
                      policy: str = "power_of_two", token_one_from_prefill: bool = True,
-                     front: str = "engine") -> dict[str, Any]:
+                     front: str = "engine", prefill_plane: bool = True) -> dict[str, Any]:
     app_args = {
         "model": {"path": str(ROOT / args.model_path), "served_model_name": args.model_name},
         "mode": mode,
@@ -227,15 +231,13 @@ def app_serve_config(args, mode: str, port: int, nixl_delay_us: int,
         "nixl": {"side_channel_host": HOST, "progress_delay_us": nixl_delay_us},
         "engine_process": {"shm_busy_loop_s": args.shm_busy_loop_s},
         "routing": {"policy": policy},
-        "handoff": {"first_token_from_prefill": token_one_from_prefill},
+        "handoff": {"first_token_from_prefill": token_one_from_prefill,
+                    "prefill_plane": prefill_plane},
         "front": {"mode": front},
     }
     if policy == "kv":  # same path as power_of_two (always remote prefill), plus the router
         app_args["routing"].update(local_prefill_max_tokens=0, advertise_host=HOST)
-    for item in args.set:
-        path, _, value = item.partition("=")
-        section, _, key = path.partition(".")
-        app_args.setdefault(section, {})[key] = json.loads(value)
+    apply_overrides(app_args, args.set)
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": HOST, "port": port},
@@ -261,8 +263,8 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
         policy = "kv" if setup == "kv-router" else "power_of_two"
         cfg_path.write_text(yaml.safe_dump(app_serve_config(
             args, mode, port, delay, policy, setup != "disaggregated-token1-decode",
-            "separate" if setup == "disaggregated-front" else "engine"),
-            sort_keys=False))
+            "separate" if setup == "disaggregated-front" else "engine",
+            prefill_plane=setup != "disaggregated-handle"), sort_keys=False))
         proc = start_serve_run(cfg_path, workdir / f"{setup}.log", ROOT, env,
                                fast_ingress=not setup.endswith("ray-proxy"))
         procs.append((proc, port, workdir / f"{setup}.log"))
@@ -345,6 +347,9 @@ def checks(results: dict[tuple[str, int], Result]) -> list[tuple[str, str, bool 
             b, w = results[(better, c)].stat(stat, 50), results[(worse, c)].stat(stat, 50)
             rows.append((f"{claim} (concurrency {c})", how.format(fmt(b), fmt(w)), b < w))
 
+    lowers("ttft", "disaggregated", "disaggregated-handle",
+           "the prefill plane lowers disaggregated TTFT p50",
+           "{} vs {} with the prefill leg as a Ray handle call")
     lowers("ttft", "disaggregated", "disaggregated-token1-decode",
            "token 1 from prefill lowers disaggregated TTFT p50",
            "{} vs {} with token 1 from decode")
@@ -406,6 +411,8 @@ def markdown(args, command: str, results: dict[tuple[str, int], Result]) -> str:
         "settings of `app/serve_env.py` (HAProxy + direct ingress) except in "
         "`aggregated-ray-proxy`. Routing `power_of_two` except `kv-router` (KV-aware ingress "
         "router, local prefill off: the same disaggregated path plus the router). "
+        "Prefill legs over the prefill plane (`handoff.prefill_plane`) except in "
+        "`disaggregated-handle`, where they are Ray Serve handle calls (gRPC by value). "
         "`disaggregated-front`: HTTP served by a separate FrontServer replica (no CPU "
         "reserved, unpinned) that reaches the decode replica over a handle. Token 1 of "
         "a disaggregated stream comes from prefill (`handoff.first_token_from_prefill`) "

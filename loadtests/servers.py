@@ -7,6 +7,7 @@ started (Ray's workers, vLLM's engine processes) and nothing else on the machine
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -154,3 +155,13 @@ def running_app(config: dict[str, Any], work: Path, name: str, host: str, port: 
         yield base, proc, log
     finally:
         stop_process_group(proc, host, port)
+
+
+def apply_overrides(app_args: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """``--set SECTION.KEY=JSON`` (the benches' experiment switch) applied to app args."""
+    for item in items:
+        path, _, value = item.partition("=")
+        section, _, key = path.partition(".")
+        app_args.setdefault(section, {})[key] = json.loads(value)
+    return app_args
+

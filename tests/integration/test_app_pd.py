@@ -199,6 +199,9 @@ def test_decode_engine_loads_prompt_kv_remotely(urls):
     assert after_p["prompt_tokens_computed"] - before_p["prompt_tokens_computed"] >= (
         prompt_tokens - BLOCK_SIZE
     )
+    # the prefill leg took the prefill plane (handoff.prefill_plane, on by default), not the
+    # handle: the replica served it
+    assert after_p["plane_calls"] > before_p["plane_calls"]
 
 
 # --- clients and errors ----------------------------------------------------------------------
