@@ -409,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         two_k = median_stages(small["auto"]["2000"].timelines).get("kv_bytes")
         size = (two_k or 2000 * 10240) / (1 << 20)
         raw = raw_nixl(size, 16, args.nixl_delay_us)
-    plot(tiny, ROOT / "docs" / "img" / "handoff_timeline.png")
+    write_docs = not args.no_docs and not args.skip_small
+    # the docs' figure only with the docs' section, so a partial run cannot replace it
+    plot(tiny, (ROOT / "docs" / "img" if write_docs else args.out) / "handoff_timeline.png")
     text = markdown(args, command, tiny, small, raw, acc, n_acc)
     print(text)
     (args.out / "results.json").write_text(json.dumps({
@@ -419,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                           "timelines": p.timelines} for k, p in pts.items()}
                   for d, pts in small.items()},
         "raw_nixl": raw, "accuracy": acc}, indent=1))
-    if not args.no_docs and not args.skip_small:
+    if write_docs:
         update_file(args.docs, SECTION, text)
         print(f"wrote section {SECTION} of {args.docs}", file=sys.stderr)
     return 0
