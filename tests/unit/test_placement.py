@@ -108,3 +108,26 @@ def test_heterogeneous_config_places_phases_on_their_node_groups(monkeypatch):
     assert opts["label_selector"] == {"pd-phase": "decode"}
     policy = decode._deployment_config.autoscaling_config.policy
     assert policy.policy_kwargs["settings"]["decode"]["profile"] == "l40s-llama-3.1-8b"
+
+
+@pytest.mark.parametrize(("policy", "plane", "router"), [
+    ("power_of_two", True, "PrefillPoolRouter"),  # publishes the replicas the plane needs
+    ("power_of_two", False, "PowerOfTwoChoicesRequestRouter"),
+    ("kv", True, "PrefillPoolRouter"),
+    ("prefix_affinity", True, "PrefixCacheAffinityRouter"),  # the plane is not used there
+])
+def test_prefill_request_router_follows_policy_and_prefill_plane(policy, plane, router,
+                                                                 monkeypatch):
+    from ray.serve._private.build_app import build_app as ray_build
+
+    from app.builder import build_app
+
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    cfg = AppConfig.model_validate({"model": {"path": "models/tiny-llama",
+                                              "served_model_name": "tiny-llama"},
+                                    "routing": {"policy": policy},
+                                    "handoff": {"prefill_plane": plane}})
+    assert cfg.uses_prefill_plane == (plane and policy != "prefix_affinity")
+    deps = {d.name: d for d in ray_build(build_app(cfg), name="pd").deployments}
+    chosen = deps["PrefillServer"]._deployment_config.request_router_config
+    assert chosen.get_request_router_class().__name__ == router
