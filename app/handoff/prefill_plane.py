@@ -116,15 +116,15 @@ class PlaneServer:
     async def _run(self, writer: asyncio.StreamWriter, calls: dict[int, asyncio.Task],
                    call_id: int, kind: str, request: Any, routing: dict[str, Any]) -> None:
         try:
-            reply = (OK, call_id, await self.handler(kind, request, **routing))
+            frame = _frame((OK, call_id, await self.handler(kind, request, **routing)))
         except asyncio.CancelledError:
             return
         except Exception as exc:  # noqa: BLE001 - the front falls back on any failure
-            reply = (FAILED, call_id, f"{type(exc).__name__}: {exc}"[:2000])
+            frame = _frame((FAILED, call_id, f"{type(exc).__name__}: {exc}"[:2000]))
         finally:
             calls.pop(call_id, None)
         if not writer.is_closing():
-            writer.write(_frame(reply))
+            writer.write(frame)
 
     def close(self) -> None:
         """Stop listening and drop every connection (their calls are cancelled)."""
@@ -196,9 +196,10 @@ class PlaneConnection:
             self.close(why)
             raise why from exc
         call_id = next(self._ids)
+        frame = _frame((CALL, call_id, kind, request, routing))  # unpicklable: raises here
         future = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
-        writer.write(_frame((CALL, call_id, kind, request, routing)))
+        writer.write(frame)
         try:
             return await future
         except asyncio.CancelledError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 
 import pytest
 
@@ -221,4 +222,21 @@ async def test_client_uses_the_handle_until_replicas_are_known_and_when_unreacha
         assert len(handle.calls) == 2
     finally:
         client.close()
+        server.close()
+
+
+async def test_an_answer_that_cannot_be_sent_fails_the_call_instead_of_hanging():
+    async def handler(kind, request, **routing):
+        return Head(KIND_JSON, 200, {"lock": threading.Lock()})  # unpicklable
+
+    server = await _server(handler)
+    conn = PlaneConnection(**server.endpoint())
+    try:
+        with pytest.raises(PlaneError, match="pickle"):
+            await asyncio.wait_for(conn.call("completion", {}, {}), 5)
+        with pytest.raises(TypeError):  # a request that cannot be sent is not left pending
+            await conn.call("completion", {"lock": threading.Lock()}, {})
+        assert conn.in_flight == 0
+    finally:
+        conn.close()
         server.close()
