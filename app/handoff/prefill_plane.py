@@ -19,7 +19,6 @@ controller) and who could run code on it anyway.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import itertools
 import logging
@@ -147,7 +146,7 @@ class PlaneConnection:
         self._reader_task: asyncio.Task | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count()
-        self._connecting: asyncio.Lock | None = None
+        self._connecting = asyncio.Lock()  # binds no loop until first used (3.10+)
         self.closed = False
 
     @property
@@ -155,8 +154,6 @@ class PlaneConnection:
         return len(self._pending)
 
     async def _connect(self) -> asyncio.StreamWriter:
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._writer is None:
                 host, port = self.address.rsplit(":", 1)
@@ -301,5 +298,4 @@ class PlanePrefillClient:
         await self._handle.check_health()
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.pool.close()
+        self.pool.close()
