@@ -114,6 +114,7 @@ class ServerConfig(_Strict):
 
 HandleTransport = Literal["grpc", "actor"]
 FrontMode = Literal["engine", "separate"]
+KVTransfer = Literal["pull", "push"]
 
 
 class FrontConfig(_Strict):
@@ -155,6 +156,18 @@ class HandoffConfig(_Strict):
         "are chosen as the handle would (the KV router's pick, else power of two on the "
         "front's own calls in flight); used with routing.policy kv or power_of_two, not "
         "prefix_affinity (whose choice lives in Ray's request router).")
+    transfer: KVTransfer = Field(
+        "pull", description="How the KV cache moves: 'pull', decode READs the prompt's "
+        "blocks after prefill answered (vLLM's NixlConnector); 'push', the front sends the "
+        "decode leg together with the prefill leg, decode allocates blocks while prefill "
+        "computes, and prefill WRITEs the KV into them as it finishes (vLLM's "
+        "NixlPushConnector; app/handoff/push.py). Push needs the prefill plane (the front "
+        "must know the prefill replica up front); decode samples token 1 itself, so "
+        "first_token_from_prefill does not apply to it.")
+    push_wait_s: float = Field(
+        10.0, gt=0, description="Push: how long decode may take to produce its first output "
+        "after prefill answered before the front gives up on the pushed KV and decodes "
+        "with local prefill.")
 
 
 class MetricsConfig(_Strict):
@@ -304,6 +317,21 @@ class AppConfig(_Strict):
             return [("aggregated", self.aggregated)]
         return [("prefill", self.prefill), ("decode", self.decode)]
 
+    @model_validator(mode="after")
+    def _push_has_a_plane(self) -> AppConfig:
+        if self.handoff.transfer == "push" and self.mode != "aggregated" and \
+                not self.uses_prefill_plane:
+            raise ValueError(
+                "handoff.transfer 'push' sends the decode leg before prefill answers, so the "
+                "front must pick the prefill replica itself: it needs handoff.prefill_plane "
+                "true and routing.policy 'kv' or 'power_of_two'")
+        return self
+
+    @property
+    def push_transfer(self) -> bool:
+        """Whether the KV moves by push with early decode admission (app/handoff/push.py)."""
+        return self.mode != "aggregated" and self.handoff.transfer == "push"
+
     @property
     def uses_prefill_plane(self) -> bool:
         """Whether prefill legs take app/handoff/prefill_plane.py (``handoff.prefill_plane``)."""
@@ -318,7 +346,7 @@ class AppConfig(_Strict):
         kwargs.update(engine_placement_args(kwargs))
         if role in ("prefill", "decode"):
             kv: dict[str, Any] = {
-                "kv_connector": "NixlConnector",
+                "kv_connector": "NixlPushConnector" if self.push_transfer else "NixlConnector",
                 "kv_role": "kv_producer" if role == "prefill" else "kv_consumer",
                 "kv_buffer_device": kv_buffer_device,
                 "kv_connector_extra_config": {"kv_lease_duration": self.nixl.kv_lease_s},

@@ -31,6 +31,7 @@ from app.engine_process import (
 )
 from app.engine_protocol import Head
 from app.handoff.prefill_plane import PlaneServer
+from app.handoff.push import PushTarget
 from app.ingress import OpenAIFront
 from app.metrics.math import phase_label
 from app.metrics.ray_metrics import EngineMetrics
@@ -95,6 +96,13 @@ class EngineServer:
                                      cfg.routing.bind_host)
             await self.plane.start()
             self._metadata["prefill_plane"] = self.plane.endpoint()
+            if cfg.push_transfer:  # what decode legs name to be pushed to (app/handoff/push.py)
+                vllm_config = self.host.engine.vllm_config
+                self._metadata["prefill_plane"]["push"] = PushTarget.advertised(
+                    vllm_config.kv_transfer_config.engine_id,
+                    os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"],
+                    int(os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"]),
+                    vllm_config.parallel_config.tensor_parallel_size)
         log.info("%s replica %s ready (cores=%s)", self.role, rank, sorted(self.cores or []))
 
     async def _refresh_gauges(self) -> None:

@@ -80,6 +80,8 @@ class OpenAIFront:
             observer=observer,
             first_token=first_token,
             timeline=decode_probe if cfg.handoff.timeline else None,
+            push_target=getattr(prefill, "push_target", None) if cfg.push_transfer else None,
+            push_wait_s=cfg.handoff.push_wait_s,
         )
         self._models_body: dict[str, Any] | None = None
         self._tracker = tracker

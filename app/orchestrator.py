@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,6 +27,7 @@ from app.handoff.first_token import (
     formatter,
     ineligible,
 )
+from app.handoff.push import PushTarget, decode_push_params
 from app.handoff.timeline import HandoffTimeline
 from app.metrics.math import FALLBACK_OUTCOMES, prefill_outcome
 from app.metrics.observer import NULL_OBSERVER, FlowObserver
@@ -79,9 +82,16 @@ class PDOrchestrator:
         observer: FlowObserver = NULL_OBSERVER,
         first_token: FirstTokenPath | None = None,
         timeline: DecodeProbe | None = None,
+        push_target: Callable[[str | None], PushTarget | None] | None = None,
+        push_wait_s: float = 10.0,
     ):
         """``first_token``: stream prefill's token 1 at once (app.handoff.first_token);
-        ``timeline``: log each disaggregated request's handoff stages (app.handoff.timeline)."""
+        ``timeline``: log each disaggregated request's handoff stages (app.handoff.timeline);
+        ``push_target``: the prefill replica a pushed request goes to, given the KV router's
+        pick (``handoff.transfer: push``, app.handoff.push); ``push_wait_s``: how long
+        decode may wait for pushed KV after prefill answered."""
+        self.push_target = push_target
+        self.push_wait_s = push_wait_s
         self.first_token = first_token
         self.timeline = timeline
         self.token_one_sources = {"prefill": 0, "decode": 0}  # disaggregated streams, stats
@@ -112,11 +122,16 @@ class PDOrchestrator:
                 if hint.router_marks is not None:
                     timeline.mark("router_in", hint.router_marks[0])
                     timeline.mark("router_out", hint.router_marks[1])
-            start = time.perf_counter()
-            outcome, label = await self._run_prefill(kind, request, hint)
-            self.observer.prefill_leg(label, time.perf_counter() - start)
-            if label in FALLBACK_OUTCOMES:
-                self.observer.fallback(label)
+            if self.push_target is not None:
+                target = self.push_target(hint.prefill_replica)
+                if target is not None:
+                    return await self._push(kind, request, hint, target, timeline)
+                # Push engines cannot pull: before Ray's long-poll named the prefill
+                # replicas (start-up), decode prefills itself.
+                self.observer.fallback("no_push_target")
+                return await self._run_decode(Route.FALLBACK, kind, request)
+            outcome, label = await self._prefill_leg(kind, prefill_request(kind, request),
+                                                     _prefill_routing(hint))
             if isinstance(outcome, Head):  # the client's own error, found by prefill
                 return Reply(route, outcome)
             if outcome is None:
@@ -137,25 +152,107 @@ class PDOrchestrator:
                 request = decode_request(request, params)
         return await self._run_decode(route, kind, request, timeline)
 
+    async def _push(self, kind: str, request: Any, hint: RouteHint, target: PushTarget,
+                    timeline: HandoffTimeline | None) -> Reply:
+        """Both legs at once; prefill WRITEs the KV into the blocks decode allocated meanwhile.
+
+        The reply waits for decode's first output, so a push that cannot complete (prefill
+        failed or answered a client error, decode waited ``push_wait_s`` past prefill's
+        answer) is abandoned before anything reached the client: decode's leg is cancelled
+        (vLLM frees its blocks) and the request decodes with local prefill, or the client's
+        error is returned, as on the pull path."""
+        rid = uuid.uuid4().hex
+        leg = prefill_request(kind, request).model_copy(update={"request_id": rid})
+        pushed = request.model_copy(update={
+            "request_id": rid, "kv_transfer_params": decode_push_params(target, kind, rid)})
+        prefill = asyncio.create_task(
+            self._prefill_leg(kind, leg, _prefill_routing(hint, target.replica)))
+        if timeline is not None:
+            prefill.add_done_callback(functools.partial(_note_prefill, timeline))
+        stream = self.decode.stream(kind, pushed)
+        try:
+            # A stream's Head comes before decode runs; a whole answer only at its end (then
+            # vLLM's registration watchdog, not push_wait_s, bounds a WRITE that never comes).
+            head = await self._unless_push_fails(anext(stream), prefill,
+                                                 wait_s=None if getattr(request, "stream",
+                                                                        False) else 0)
+            first = None
+            if head.kind == KIND_STREAM:
+                first = await self._unless_push_fails(anext(stream), prefill)
+        except _PushAbandoned as why:
+            await stream.aclose()
+            if isinstance(why.outcome, Head):  # the client's own error, found by prefill
+                return Reply(Route.DISAGGREGATED, why.outcome)
+            log.warning("pushed KV did not arrive (%s); decoding with local prefill", why)
+            return await self._run_decode(Route.FALLBACK, kind, request)
+        except EngineLost:  # this decode engine died: a peer prefills and decodes it
+            await stream.aclose()
+            return await self._run_decode(Route.FALLBACK, kind, request)
+        except BaseException:
+            prefill.cancel()
+            await stream.aclose()
+            raise
+        if head.kind != KIND_STREAM:
+            await stream.aclose()
+            if head.kind == KIND_ERROR:  # decode refused it: nothing to prefill for
+                prefill.cancel()
+            return Reply(Route.DISAGGREGATED, head)
+        self._token_one("decode")
+        chunks = _prepend(first, stream)
+        if timeline is not None:
+            chunks = self._timed(chunks, timeline, rid, prefill)
+        # A migration continues from the client's request: the pushed KV is decode's own now.
+        plain = request.model_copy(update={"request_id": rid})
+        return Reply(Route.DISAGGREGATED, head, self._guarded(kind, plain, chunks, False))
+
+    async def _unless_push_fails(self, step: Any, prefill: asyncio.Task,
+                                 wait_s: float | None = None) -> Any:
+        """``step`` (decode's next output), unless the prefill leg fails first or decode
+        outlives prefill's answer by ``wait_s`` (default ``push_wait_s``; 0: no limit):
+        then :class:`_PushAbandoned`."""
+        wait_s = self.push_wait_s if wait_s is None else (wait_s or None)
+        step = asyncio.ensure_future(step)
+        try:
+            await asyncio.wait({step, prefill}, return_when=asyncio.FIRST_COMPLETED)
+            if step.done():
+                return step.result()
+            outcome, label = prefill.result()
+            if isinstance(outcome, dict):  # prefill done: the WRITE is on its way
+                try:
+                    return await asyncio.wait_for(asyncio.shield(step), wait_s)
+                except TimeoutError:
+                    self.observer.fallback("push_timeout")
+                    raise _PushAbandoned(None, f"no KV {wait_s:g}s after prefill "
+                                         "answered") from None
+            raise _PushAbandoned(outcome, label)
+        finally:
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(BaseException):
+                    await step
+
     def _token_one(self, source: str) -> None:
         self.token_one_sources[source] += 1
         self.observer.token_one(source)
 
-    async def _run_prefill(self, kind: str, request: Any, hint: RouteHint
+    async def _prefill_leg(self, kind: str, leg: Any, routing: dict[str, Any]
+                           ) -> tuple[dict[str, Any] | Head | None, str]:
+        """``_run_prefill``, observed (its duration and outcome; fallbacks counted)."""
+        start = time.perf_counter()
+        outcome, label = await self._run_prefill(kind, leg, routing)
+        self.observer.prefill_leg(label, time.perf_counter() - start)
+        if label in FALLBACK_OUTCOMES:
+            self.observer.fallback(label)
+        return outcome, label
+
+    async def _run_prefill(self, kind: str, leg: Any, routing: dict[str, Any]
                            ) -> tuple[dict[str, Any] | Head | None, str]:
         """Prefill's answer (with ``kv_transfer_params`` for decode); a Head to return to the
         client; or None to fall back; with the outcome's label
         (``app.metrics.math.prefill_outcome``)."""
-        routing = {}
-        if hint.prefill_replica:
-            routing = {"prefill_replica": hint.prefill_replica,
-                       "prompt_tokens": hint.prompt_tokens,
-                       "predicted_cached_tokens": hint.predicted_cached_tokens}
         try:
-            head = await asyncio.wait_for(
-                self.prefill.call_once(kind, prefill_request(kind, request), **routing),
-                self.prefill_timeout_s,
-            )
+            head = await asyncio.wait_for(self.prefill.call_once(kind, leg, **routing),
+                                          self.prefill_timeout_s)
         except TimeoutError:
             log.warning("prefill timed out after %.1fs; decoding with local prefill",
                         self.prefill_timeout_s)
@@ -294,11 +391,49 @@ class PDOrchestrator:
         return self.migrator.guard(kind, request, stream)
 
     async def _timed(self, chunks: AsyncIterator[str], timeline: HandoffTimeline,
-                     request_key: str) -> AsyncIterator[str]:
+                     request_key: str, prefill: asyncio.Task | None = None
+                     ) -> AsyncIterator[str]:
+        """``prefill``: a pushed request's prefill leg, whose marks the line waits for."""
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 if timeline is not None:
                     timeline.mark("first_chunk")
+                    if prefill is not None:
+                        await asyncio.wait({prefill}, timeout=1.0)
                     self._emit_timeline(timeline, request_key)
                     timeline = None
                 yield chunk
+
+
+class _PushAbandoned(Exception):
+    """A pushed request's KV will not arrive; ``outcome`` is the prefill leg's (a Head: the
+    client's error)."""
+
+    def __init__(self, outcome: Any, why: str):
+        super().__init__(why)
+        self.outcome = outcome
+
+
+def _prefill_routing(hint: RouteHint, replica: str | None = None) -> dict[str, Any]:
+    """The prefill call's routing keywords: the replica it must reach (the KV router's pick,
+    or the one a pushed request names) and the router's view of the prompt."""
+    replica = replica or hint.prefill_replica
+    if not replica:
+        return {}
+    return {"prefill_replica": replica, "prompt_tokens": hint.prompt_tokens,
+            "predicted_cached_tokens": hint.predicted_cached_tokens}
+
+
+def _note_prefill(timeline: HandoffTimeline, prefill: asyncio.Task) -> None:
+    if not prefill.cancelled() and prefill.exception() is None:
+        outcome, _ = prefill.result()
+        if isinstance(outcome, dict):
+            timeline.mark("prefill_returned")
+            timeline.engine("prefill", outcome.get("pd_engine_stamps"))
+
+
+async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    async with contextlib.aclosing(rest):
+        yield first
+        async for chunk in rest:
+            yield chunk

@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.handoff.push import PushTarget
+
 log = logging.getLogger("ray.serve")
 
 _LEN = struct.Struct("!I")
@@ -228,7 +230,7 @@ class PlanePool:
     each balances its share)."""
 
     rng: random.Random = field(default_factory=random.Random)
-    _endpoints: dict[str, dict[str, str]] = field(default_factory=dict)
+    _endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
     _connections: dict[str, PlaneConnection] = field(default_factory=dict)
 
     def update(self, replicas: dict[str, dict[str, Any]]) -> None:
@@ -251,6 +253,12 @@ class PlanePool:
             return ids[0]
         a, b = self.rng.sample(ids, 2)
         return a if self._load(a) <= self._load(b) else b
+
+    def push_target(self, hint: str | None = None) -> PushTarget | None:
+        """The replica a pushed request goes to (chosen as ``choose`` does) with its NIXL
+        coordinates; None if none is known or the chosen one does not take pushes."""
+        rid = self.choose(hint)
+        return PushTarget.from_endpoint(rid, self._endpoints[rid]) if rid is not None else None
 
     def _load(self, rid: str) -> int:
         conn = self._connections.get(rid)
@@ -287,6 +295,9 @@ class PlanePrefillClient:
             except PlaneUnreachable as exc:  # e.g. the replica just died: Ray knows better
                 log.warning("%s; calling prefill through its handle", exc)
         return await self._handle.call_once(kind, request, **routing)
+
+    def push_target(self, hint: str | None = None) -> PushTarget | None:
+        return self.pool.push_target(hint)
 
     def stream(self, kind: str, request: Any, **routing: Any):
         return self._handle.stream(kind, request, **routing)

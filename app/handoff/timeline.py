@@ -36,7 +36,7 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 # Finer cuts: the KV router's marks (when it placed the request) and the two prefill-side
 # stages, from marks the prefill replica adds (its entry, vLLM's serving layer calling the
-# engine, its answer built): Ray hop vs vLLM frontend.
+# engine, its answer built): Ray hop vs vLLM frontend; the same split of decode admission.
 DETAIL_STAGES: dict[str, tuple[str, str]] = {
     # the KV router's own work on its route call, and its answer -> HAProxy -> this front
     "router": ("router_in", "router_out"),
@@ -46,6 +46,9 @@ DETAIL_STAGES: dict[str, tuple[str, str]] = {
     "to_prefill_core": ("prefill_generate_in", "prefill_queued"),
     "prefill_response": ("prefill_first_token", "prefill_replica_out"),
     "from_prefill_replica": ("prefill_replica_out", "prefill_returned"),
+    # the decode leg: the front building it and vLLM's frontend, then the engine-core queue
+    "decode_frontend": ("prefill_returned", "decode_generate_in"),
+    "to_decode_core": ("decode_generate_in", "decode_queued"),
 }
 ALL_STAGES = STAGES | DETAIL_STAGES
 ENGINE_MARKS = ("queued", "scheduled", "first_token")

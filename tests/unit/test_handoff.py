@@ -185,6 +185,17 @@ def test_detail_stages_split_the_prefill_side():
         stages["prefill_response"] + stages["from_prefill_replica"])
 
 
+def test_detail_stages_split_decode_admission():
+    t = HandoffTimeline()
+    t.mark("prefill_returned", 2.000)
+    t.engine("decode", {"replica_in": 2.001, "generate_in": 2.0015, "queued": 2.005})
+    stages = t.stages_ms()
+    assert [stages[s] for s in ("decode_frontend", "to_decode_core")] == pytest.approx(
+        [1.5, 3.5])
+    assert stages["decode_admission"] == pytest.approx(
+        stages["decode_frontend"] + stages["to_decode_core"])
+
+
 def test_router_marks_split_the_time_before_the_front():
     t = HandoffTimeline()
     t.mark("router_in", 0.995)
