@@ -1,0 +1,138 @@
+"""Push transfers end to end (``handoff.transfer: push``): real HTTP, Ray Serve, two vLLM-CPU
+engines with vLLM's NixlPushConnector, the prefill plane, and an aggregated baseline.
+
+The front sends the decode leg together with the prefill leg; decode allocates blocks while
+prefill computes and prefill WRITEs the prompt's KV into them. Engines run in float32, so
+greedy outputs compare exactly with the aggregated app's (bf16 ties flip with any change of
+rounding: another engine, another batch).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import pytest
+
+from tests.integration.serve_harness import (
+    BLOCK_SIZE,
+    MODEL_NAME,
+    app_config,
+    client,
+    deploy,
+    engine_stats,
+    start_serve,
+    stop_serve,
+    wait_until,
+)
+from tests.integration.test_app_pd import make_prompt
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+FLOAT32 = {"dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def urls():
+    port = start_serve(num_cpus=4)
+    try:
+        base_args = app_config("disaggregated")["engine_args"]
+        deploy(app_config("disaggregated", engine_args={**base_args, **FLOAT32},
+                          handoff={"transfer": "push"}), "push", "/push")
+        deploy(app_config("aggregated", engine_args={**base_args, **FLOAT32}), "agg", "/agg")
+        base = f"http://127.0.0.1:{port}"
+        yield {"push": f"{base}/push", "agg": f"{base}/agg"}
+    finally:
+        stop_serve()
+
+
+def _stream(url: str, path: str, body: dict) -> tuple[str, list[dict]]:
+    events = []
+    with client(url) as c, c.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[len("data: "):]))
+        return r.headers["x-pd-route"], events
+
+
+def _tokens(events: list[dict]) -> list[int]:
+    return [t for e in events for c in e["choices"] for t in (c.get("token_ids") or [])]
+
+
+def _body(seed: int, words: int = 150, max_tokens: int = 20) -> dict:
+    return {"model": MODEL_NAME, "prompt": make_prompt(seed, words), "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}}
+
+
+def test_pushed_stream_matches_aggregated_and_its_kv_came_from_prefill(urls):
+    before_d = engine_stats("push", "DecodeServer")
+    before_p = engine_stats("push", "PrefillServer")
+    route, events = _stream(urls["push"], "/v1/completions", _body(21))
+    assert route == "disaggregated"
+    _, agg_events = _stream(urls["agg"], "/v1/completions", _body(21))
+    assert len(_tokens(events)) == 20
+    assert _tokens(events) == _tokens(agg_events)
+    assert events[-1]["usage"] == agg_events[-1]["usage"]
+    assert len({e["id"] for e in events}) == 1
+    prompt_tokens = events[-1]["usage"]["prompt_tokens"]
+    assert prompt_tokens > 4 * BLOCK_SIZE
+
+    def counted():
+        d = engine_stats("push", "DecodeServer")
+        done = d["prompt_tokens_total"] - before_d["prompt_tokens_total"] >= prompt_tokens
+        return d if done else None
+
+    after_d = wait_until(counted, 30, what="decode prompt stats")
+    after_p = engine_stats("push", "PrefillServer")
+    # Decode computed at most the last block; the rest arrived from the prefill engine.
+    remote = (after_d["prompt_tokens_external_kv_transfer"]
+              - before_d["prompt_tokens_external_kv_transfer"])
+    computed = after_d["prompt_tokens_computed"] - before_d["prompt_tokens_computed"]
+    assert remote >= prompt_tokens - BLOCK_SIZE
+    assert computed <= BLOCK_SIZE
+    assert after_p["prompt_tokens_computed"] - before_p["prompt_tokens_computed"] >= (
+        prompt_tokens - BLOCK_SIZE)
+    assert after_p["plane_calls"] > before_p["plane_calls"]  # the front picked the replica
+    assert after_d["token_one_decode"] == before_d["token_one_decode"] + 1
+    assert after_d["token_one_prefill"] == before_d["token_one_prefill"]
+
+
+def test_pushed_chat_matches_aggregated_streaming_and_not(urls):
+    messages = [{"role": "system", "content": "you are a test"},
+                {"role": "user", "content": make_prompt(22, 80)}]
+    body = {"model": MODEL_NAME, "messages": messages, "max_tokens": 12, "temperature": 0}
+    with client(urls["push"]) as c:
+        whole = c.post("/v1/chat/completions", json=body)
+    with client(urls["agg"]) as c:
+        agg = c.post("/v1/chat/completions", json=body)
+    assert whole.status_code == 200 and whole.headers["x-pd-route"] == "disaggregated"
+    text = whole.json()["choices"][0]["message"]["content"]
+    assert text == agg.json()["choices"][0]["message"]["content"]
+    assert whole.json()["usage"] == agg.json()["usage"]
+    route, events = _stream(urls["push"], "/v1/chat/completions", body)
+    assert route == "disaggregated"
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events) == text
+
+
+def test_concurrent_pushes_each_get_their_own_kv(urls):
+    """Four pushes in flight at once: each decode leg is matched with its own prefill (one
+    request id per pair), so every output equals its aggregated answer."""
+    seeds = [31, 32, 33, 34]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        pushed = list(pool.map(lambda s: _stream(urls["push"], "/v1/completions",
+                                                 _body(s, 120, 12)), seeds))
+    for seed, (route, events) in zip(seeds, pushed, strict=True):
+        assert route == "disaggregated"
+        _, agg_events = _stream(urls["agg"], "/v1/completions", _body(seed, 120, 12))
+        assert _tokens(events) == _tokens(agg_events), f"seed {seed}"
+
+
+def test_bad_input_is_a_client_error_on_the_push_path(urls):
+    with client(urls["push"]) as c:
+        r = c.post("/v1/completions", json={**_body(40), "max_tokens": -3, "stream": True})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == 400
+    route, events = _stream(urls["push"], "/v1/completions", _body(41, 60, 4))
+    assert route == "disaggregated" and len(_tokens(events)) == 4  # the path still works
