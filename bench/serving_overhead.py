@@ -26,6 +26,8 @@
    the app builds it.
 11. ``disaggregated-handle``: 3 with ``handoff.prefill_plane: false`` (the prefill leg as a
    Ray Serve handle call instead of over the app's own connection): what the plane buys.
+12. ``disaggregated-push``: 3 with ``handoff.transfer: push`` (10's design inside the app:
+   the front sends both legs at once, decode samples token 1 after the pushed KV arrives).
 
 The app setups run with ``app/serve_env.py``'s settings unless said otherwise.
 
@@ -73,12 +75,12 @@ from loadtests.servers import (  # noqa: E402
 
 SECTION = "bench:serving_overhead"
 # Setups compared by a check run next to each other (this machine's speed drifts in minutes).
-SETUPS = ("plain", "aggregated", "disaggregated", "disaggregated-handle",
+SETUPS = ("plain", "aggregated", "disaggregated", "disaggregated-push", "disaggregated-handle",
           "disaggregated-token1-decode", "kv-router", "disaggregated-front", "plain-pd",
           "plain-pd-push", "disaggregated-nixl-spin", "aggregated-ray-proxy")
 APP_SETUPS = ("aggregated", "disaggregated", "disaggregated-nixl-spin", "aggregated-ray-proxy",
               "kv-router", "disaggregated-token1-decode", "disaggregated-front",
-              "disaggregated-handle")
+              "disaggregated-handle", "disaggregated-push")
 HOST = "127.0.0.1"
 
 
@@ -220,7 +222,8 @@ def vllm_server_command(args, port: int, core: int, kv_config: dict | None) -> l
 
 def app_serve_config(args, mode: str, port: int, nixl_delay_us: int,
                      policy: str = "power_of_two", token_one_from_prefill: bool = True,
-                     front: str = "engine", prefill_plane: bool = True) -> dict[str, Any]:
+                     front: str = "engine", prefill_plane: bool = True,
+                     transfer: str = "pull") -> dict[str, Any]:
     app_args = {
         "model": {"path": str(ROOT / args.model_path), "served_model_name": args.model_name},
         "mode": mode,
@@ -232,7 +235,7 @@ def app_serve_config(args, mode: str, port: int, nixl_delay_us: int,
         "engine_process": {"shm_busy_loop_s": args.shm_busy_loop_s},
         "routing": {"policy": policy},
         "handoff": {"first_token_from_prefill": token_one_from_prefill,
-                    "prefill_plane": prefill_plane},
+                    "prefill_plane": prefill_plane, "transfer": transfer},
         "front": {"mode": front},
     }
     if policy == "kv":  # same path as power_of_two (always remote prefill), plus the router
@@ -264,7 +267,8 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
         cfg_path.write_text(yaml.safe_dump(app_serve_config(
             args, mode, port, delay, policy, setup != "disaggregated-token1-decode",
             "separate" if setup == "disaggregated-front" else "engine",
-            prefill_plane=setup != "disaggregated-handle"), sort_keys=False))
+            prefill_plane=setup != "disaggregated-handle",
+            transfer="push" if setup == "disaggregated-push" else "pull"), sort_keys=False))
         proc = start_serve_run(cfg_path, workdir / f"{setup}.log", ROOT, env,
                                fast_ingress=not setup.endswith("ray-proxy"))
         procs.append((proc, port, workdir / f"{setup}.log"))
@@ -375,7 +379,15 @@ def checks(results: dict[tuple[str, int], Result]) -> list[tuple[str, str, bool 
             rows.append((f"what a separate front (front.mode: separate) costs (concurrency {c})",
                          f"TTFT p50 {ttft:+.1f} ms, TPOT p50 "
                          f"{f.stat('tpot', 50) / d.stat('tpot', 50):.2f}×", None))
-    for c in (1, 4):  # the early-admission design, measured on plain vLLM before the app has it
+    for c in (1, 4):  # push inside the app: reported against pull and aggregated
+        if have("disaggregated-push", "disaggregated", "aggregated", c=c):
+            u, p = results[("disaggregated-push", c)], results[("disaggregated", c)]
+            a = results[("aggregated", c)]
+            rows.append((f"the app with handoff.transfer: push vs pull (concurrency {c})",
+                         f"TTFT p50 {u.stat('ttft', 50) - p.stat('ttft', 50):+.1f} ms, "
+                         f"TPOT p50 {u.stat('tpot', 50) / p.stat('tpot', 50):.2f}× pull's, "
+                         f"{u.stat('tpot', 50) / a.stat('tpot', 50):.2f}× aggregated's", None))
+    for c in (1, 4):  # the early-admission design, measured on plain vLLM
         if have("plain-pd-push", "plain-pd", c=c):
             u, p = results[("plain-pd-push", c)], results[("plain-pd", c)]
             rows.append((f"plain P/D with push + early decode admission vs pull (concurrency "
@@ -420,6 +432,7 @@ def markdown(args, command: str, results: dict[tuple[str, int], Result]) -> str:
         "TPOT is (last token - first token) / (tokens - 1), so it carries the handoff when "
         "token 1 comes from prefill. Plain servers: engine processes (every thread) pinned to "
         "their core after start-up, API server free (as the app pins engines, not replicas). "
+        "`disaggregated-push`: `handoff.transfer: push` (token 1 from decode). "
         "`plain-pd-push`: vLLM's "
         "`NixlPushConnector`, both legs sent at once with one request id.",
         "",

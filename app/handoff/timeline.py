@@ -98,9 +98,11 @@ class HandoffTimeline:
         out: dict[str, Any] = {"stages_ms": self.stages_ms()}
         if self.kv_read_s is not None:
             out["kv_read_ms"] = round(self.kv_read_s * 1e3, 3)
-        if self.kv_bytes:
+        span = in_path_seconds(self.marks)
+        if span:
+            out["in_path_ms"] = round(span * 1e3, 3)
+        if self.kv_bytes:  # the decode engine's READ (pull); a push is counted by prefill
             out["kv_bytes"] = self.kv_bytes
-            span = in_path_seconds(self.marks)
             if span:
                 out["in_path_gbps"] = round(self.kv_bytes / span / 1e9, 3)
         return out
@@ -121,7 +123,7 @@ def median_stages(records: Iterable[dict[str, Any]]) -> dict[str, float]:
     for record in records:
         for name, value in (record.get("stages_ms") or {}).items():
             columns.setdefault(name, []).append(float(value))
-        for key in ("kv_read_ms", "in_path_gbps", "kv_bytes"):
+        for key in ("kv_read_ms", "in_path_ms", "in_path_gbps", "kv_bytes"):
             if key in record:
                 columns.setdefault(key, []).append(float(record[key]))
     return {name: _median(values) for name, values in columns.items()}

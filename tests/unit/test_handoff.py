@@ -139,6 +139,9 @@ def test_timeline_stages_from_front_and_engine_marks():
     assert stages["first_chunk_ms"] == pytest.approx(65.0)
     assert stages["decode_first_chunk_ms"] == pytest.approx(110.0)
     assert record["in_path_gbps"] == pytest.approx(40e6 / 0.04 / 1e9, rel=1e-3)
+    assert record["in_path_ms"] == pytest.approx(40.0)
+    t.kv_bytes = 0  # a push: decode read nothing, the span is still the handoff's
+    assert "in_path_gbps" not in t.record() and t.record()["in_path_ms"] == pytest.approx(40.0)
     assert engine_stamps(_Stats()) == {"queued": 10.0, "scheduled": 10.5}
     t.mark("received", 99.0)  # first mark wins
     assert t.marks["received"] == 9.0
