@@ -197,6 +197,17 @@ class PDOrchestrator:
             if head.kind == KIND_ERROR:  # decode refused it: nothing to prefill for
                 prefill.cancel()
             return Reply(Route.DISAGGREGATED, head)
+        if "error" in (parse_event(first) or {}):
+            # vLLM checks the prompt's tokens only when the stream starts: a bad prompt is an
+            # error event here but a 4xx from prefill; a failed push is retried locally.
+            await stream.aclose()
+            outcome, _ = await prefill
+            if isinstance(outcome, Head):
+                return Reply(Route.DISAGGREGATED, outcome)
+            log.warning("pushed decode leg failed before its first token (%s); decoding with "
+                        "local prefill", first.strip()[:200])
+            self.observer.fallback("push_failed")
+            return await self._run_decode(Route.FALLBACK, kind, request)
         self._token_one("decode")
         chunks = _prepend(first, stream)
         if timeline is not None:

@@ -25,9 +25,11 @@ class PushedDecode:
     """A decode engine whose pushed requests (``do_remote_prefill``) produce their first
     chunk ``kv_after`` seconds after being asked (None: never); others answer at once."""
 
-    def __init__(self, kv_after: float | None = 0.05, head: Head | None = None):
+    def __init__(self, kv_after: float | None = 0.05, head: Head | None = None,
+                 first: str = "data: a\n\n"):
         self.kv_after = kv_after
         self.head = head or Head(KIND_STREAM)
+        self.first = first
         self.requests = []
         self.closed = []
 
@@ -40,7 +42,7 @@ class PushedDecode:
                 if self.kv_after is None:
                     await asyncio.Event().wait()
                 await asyncio.sleep(self.kv_after)
-            yield "data: a\n\n"
+            yield self.first if pushed else "data: a\n\n"
             yield "data: [DONE]\n\n"
         finally:
             self.closed.append(pushed)
@@ -103,6 +105,29 @@ async def test_a_client_error_from_prefill_is_returned():
         "completion", Completion(stream=True))
     assert reply.head is err and reply.chunks is None
     assert decode.closed == [True] and len(decode.requests) == 1
+
+
+BAD_TOKEN = 'data: {"error": {"message": "Token id 9999 is out of vocabulary", "code": 400}}\n\n'
+
+
+async def test_a_prompt_decode_rejects_as_an_event_is_prefills_4xx():
+    """vLLM checks a stream's prompt only when it starts: decode's first chunk is an error
+    event, while prefill answers the 400 the client must get."""
+    err = Head(KIND_ERROR, 400, {"error": {"message": "out of vocabulary", "code": 400}})
+    decode = PushedDecode(kv_after=0.0, first=BAD_TOKEN)
+    reply = await _orchestrator(decode, FakeEngine(once=err, delay=0.05)).handle(
+        "completion", Completion(stream=True))
+    assert reply.head is err and reply.chunks is None
+    assert decode.closed == [True]
+
+
+async def test_a_pushed_leg_that_fails_before_token_one_is_retried_locally():
+    decode = PushedDecode(kv_after=0.0, first=BAD_TOKEN.replace("Token id", "KV load"))
+    reply = await _orchestrator(decode, FakeEngine(once=ANSWER)).handle(
+        "completion", Completion(stream=True))
+    assert reply.route is Route.FALLBACK
+    assert await _collect(reply) == ["data: a\n\n", "data: [DONE]\n\n"]
+    assert decode.requests[1].kv_transfer_params is None
 
 
 async def test_kv_that_never_arrives_after_prefill_answered_falls_back():
