@@ -10,7 +10,6 @@ rounding: another engine, another batch).
 from __future__ import annotations
 
 import concurrent.futures
-import json
 
 import pytest
 
@@ -25,7 +24,7 @@ from tests.integration.serve_harness import (
     stop_serve,
     wait_until,
 )
-from tests.integration.test_app_pd import make_prompt
+from tests.integration.test_app_pd import _stream_events, make_prompt
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -47,13 +46,8 @@ def urls():
 
 
 def _stream(url: str, path: str, body: dict) -> tuple[str, list[dict]]:
-    events = []
-    with client(url) as c, c.stream("POST", path, json={**body, "stream": True}) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                events.append(json.loads(line[len("data: "):]))
-        return r.headers["x-pd-route"], events
+    headers, events = _stream_events(url, path, body)
+    return headers["x-pd-route"], events
 
 
 def _tokens(events: list[dict]) -> list[int]:
