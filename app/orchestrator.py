@@ -186,6 +186,7 @@ class PDOrchestrator:
             log.warning("pushed KV did not arrive (%s); decoding with local prefill", why)
             return await self._run_decode(Route.FALLBACK, kind, request)
         except EngineLost:  # this decode engine died: a peer prefills and decodes it
+            prefill.cancel()
             await stream.aclose()
             return await self._run_decode(Route.FALLBACK, kind, request)
         except BaseException:

@@ -9,6 +9,7 @@ from app.config import AppConfig
 from app.engine_protocol import KIND_ERROR, KIND_JSON, KIND_STREAM, Head
 from app.handoff.prefill_plane import PlanePool
 from app.handoff.push import PushTarget, decode_push_params
+from app.migration import EngineLost
 from app.orchestrator import PDOrchestrator
 from app.pd_decision import Route
 from tests.unit.test_orchestrator import FakeCompletion, FakeEngine
@@ -127,6 +128,35 @@ async def test_a_pushed_leg_that_fails_before_token_one_is_retried_locally():
         "completion", Completion(stream=True))
     assert reply.route is Route.FALLBACK
     assert await _collect(reply) == ["data: a\n\n", "data: [DONE]\n\n"]
+    assert decode.requests[1].kv_transfer_params is None
+
+
+async def test_a_decode_engine_lost_under_a_push_cancels_prefill_and_reruns():
+    cancelled = asyncio.Event()
+
+    class SlowPrefill(FakeEngine):
+        async def call_once(self, kind, request, **routing):
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+    class LostDecode(PushedDecode):
+        async def stream(self, kind, request):
+            if (request.kv_transfer_params or {}).get("do_remote_prefill"):
+                self.requests.append(request)
+                yield Head(KIND_STREAM)
+                raise EngineLost()
+            async for item in super().stream(kind, request):
+                yield item
+
+    decode = LostDecode()
+    reply = await _orchestrator(decode, SlowPrefill()).handle("completion",
+                                                             Completion(stream=True))
+    assert reply.route is Route.FALLBACK
+    assert await _collect(reply) == ["data: a\n\n", "data: [DONE]\n\n"]
+    await asyncio.wait_for(cancelled.wait(), 1.0)
     assert decode.requests[1].kv_transfer_params is None
 
 
