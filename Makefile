@@ -34,10 +34,14 @@ $(SMALL_MODEL_DIR)/config.json: app/tiny_model.py | $(STAMP)
 
 # The Ray settings of app/serve_env.py (HAProxy in front) must be set before Ray starts.
 # app.port_guard first: a stale HAProxy of a killed run is stopped, any other holder of the
-# ports is named in one line (exit 2) instead of a traceback.
+# ports is named in one line (exit 2) instead of a traceback. After serve run exits (Ctrl-C:
+# the trap keeps this shell alive, serve run still gets the signal), `--after` stops a HAProxy
+# that Ray's own shutdown orphaned.
 run: setup model
 	$(PY) -m app.serve_env --local $(PY) -m app.port_guard $(CONFIG)
-	$(PY) -m app.serve_env --local $(VENV)/bin/serve run $(CONFIG)
+	trap true INT; $(PY) -m app.serve_env --local $(VENV)/bin/serve run $(CONFIG); \
+	status=$$?; $(PY) -m app.serve_env --local $(PY) -m app.port_guard --after $(CONFIG); \
+	exit $$status
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -8,6 +8,8 @@ stopped, anything else stops the start with one line naming the holder and how t
 
 ``python -m app.port_guard serve_configs/local.yaml`` (``make run`` calls it); exit status 0
 = ports free (after cleaning what we own), 2 = a port is held by something else.
+``python -m app.port_guard --after serve_configs/local.yaml`` (``make run`` calls it once
+``serve run`` has exited) stops a HAProxy that Ray's own shutdown orphaned (:func:`sweep`).
 """
 
 from __future__ import annotations
@@ -172,7 +174,33 @@ def check(ports: dict[int, str], clean: bool = True) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
+def sweep(ports: dict[int, str], wait_s: float = 30.0) -> int:
+    """After ``serve run`` exits: stop Ray HAProxies it orphaned on its ports; the count.
+
+    Ray reloads HAProxy by starting a new process that takes over from the old one, and a
+    reload while Serve shuts down (its backends change as replicas stop) can start a process
+    its manager never learns of: the manager kills the old one and the new one keeps the
+    ports (seen once in CI). Waits up to ``wait_s`` for Ray's own teardown, stopping orphans
+    as they appear; a HAProxy a live Ray still owns, or any other holder, is left alone."""
+    stopped, deadline = 0, time.monotonic() + wait_s
+    while True:
+        ours = [(port, h) for port in sorted(ports) for h in listeners(port)
+                if HAPROXY_MARK in h.cmdline]
+        for port, h in ours:
+            if h.orphaned_ray_haproxy:
+                stop(h.pid)
+                stopped += 1
+                print(f"port_guard: stopped a Ray HAProxy orphaned by `serve run`'s shutdown "
+                      f"({describe(h)}), which held port {port}", file=sys.stderr)
+        if not ours or time.monotonic() >= deadline:
+            return stopped
+        time.sleep(0.5)
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--after":  # make run, once serve run has exited
+        sweep(ports_for(argv[1] if len(argv) > 1 else None, dict(os.environ)))
+        return 0
     config = argv[0] if argv else None
     problems = check(ports_for(config, dict(os.environ)))
     for line in problems:

@@ -76,7 +76,10 @@ def _serving(port: int) -> bool:
         return False
 
 
-def _stop(proc: subprocess.Popen | None) -> None:
+def _stop(proc: subprocess.Popen | None, cfg: Path | None = None,
+          env: dict[str, str] | None = None) -> None:
+    """Ctrl-C, then (with ``cfg``) ``make run``'s step after ``serve run`` exits: the guard's
+    sweep of a HAProxy that Ray's shutdown orphaned."""
     if proc is None or proc.poll() is not None:
         return
     os.killpg(proc.pid, signal.SIGINT)  # serve run shuts Serve and Ray down on Ctrl-C
@@ -85,6 +88,9 @@ def _stop(proc: subprocess.Popen | None) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
+    if cfg is not None:
+        subprocess.run([sys.executable, "-m", "app.port_guard", "--after", str(cfg)], env=env,
+                       cwd=ROOT, timeout=90, check=True)
 
 
 def test_make_run_start_path_recovers_from_sigkill(tmp_path):
@@ -129,7 +135,7 @@ def test_make_run_start_path_recovers_from_sigkill(tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
             "model": "tiny-llama", "prompt": "after the crash", "max_tokens": 4})
         assert r.status_code == 200, r.text
-        _stop(second)
+        _stop(second, cfg, env)
         # `serve run` exits while Ray still tears its workers down: HAProxy (a child of a
         # Ray actor) may outlive it by a few seconds. It must be gone soon after.
         deadline = time.monotonic() + 30

