@@ -49,6 +49,21 @@ class PushedDecode:
             self.closed.append(pushed)
 
 
+class SlowPrefill(FakeEngine):
+    """A prefill leg that only ends by being cancelled (then it sets ``cancelled``)."""
+
+    def __init__(self, cancelled: asyncio.Event):
+        super().__init__()
+        self.cancelled = cancelled
+
+    async def call_once(self, kind, request, **routing):
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
 def _orchestrator(decode, prefill, target=TARGET, wait_s=5.0):
     return PDOrchestrator("disaggregated", decode, prefill, push_target=lambda hint: target,
                           push_wait_s=wait_s)
@@ -133,15 +148,6 @@ async def test_a_pushed_leg_that_fails_before_token_one_is_retried_locally():
 
 async def test_a_decode_engine_lost_under_a_push_cancels_prefill_and_reruns():
     cancelled = asyncio.Event()
-
-    class SlowPrefill(FakeEngine):
-        async def call_once(self, kind, request, **routing):
-            try:
-                await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
-
     class LostDecode(PushedDecode):
         async def stream(self, kind, request):
             if (request.kv_transfer_params or {}).get("do_remote_prefill"):
@@ -152,7 +158,7 @@ async def test_a_decode_engine_lost_under_a_push_cancels_prefill_and_reruns():
                 yield item
 
     decode = LostDecode()
-    reply = await _orchestrator(decode, SlowPrefill()).handle("completion",
+    reply = await _orchestrator(decode, SlowPrefill(cancelled)).handle("completion",
                                                              Completion(stream=True))
     assert reply.route is Route.FALLBACK
     assert await _collect(reply) == ["data: a\n\n", "data: [DONE]\n\n"]
@@ -188,17 +194,8 @@ async def test_a_whole_answer_is_returned_as_decode_gives_it():
 
 async def test_a_client_gone_while_waiting_cancels_both_legs():
     cancelled = asyncio.Event()
-
-    class SlowPrefill(FakeEngine):
-        async def call_once(self, kind, request, **routing):
-            try:
-                await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                cancelled.set()
-                raise
-
     decode = PushedDecode(kv_after=None)
-    task = asyncio.create_task(_orchestrator(decode, SlowPrefill()).handle(
+    task = asyncio.create_task(_orchestrator(decode, SlowPrefill(cancelled)).handle(
         "completion", Completion(stream=True)))
     await asyncio.sleep(0.05)
     task.cancel()
