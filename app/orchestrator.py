@@ -173,12 +173,13 @@ class PDOrchestrator:
         try:
             # A stream's Head comes before decode runs; a whole answer only at its end (then
             # vLLM's registration watchdog, not push_wait_s, bounds a WRITE that never comes).
+            streamed = bool(getattr(request, "stream", False))
             head = await self._unless_push_fails(anext(stream), prefill,
-                                                 wait_s=None if getattr(request, "stream",
-                                                                        False) else 0)
+                                                 self.push_wait_s if streamed else None)
             first = None
             if head.kind == KIND_STREAM:
-                first = await self._unless_push_fails(anext(stream), prefill)
+                first = await self._unless_push_fails(anext(stream), prefill,
+                                                      self.push_wait_s)
         except _PushAbandoned as why:
             await stream.aclose()
             if isinstance(why.outcome, Head):  # the client's own error, found by prefill
@@ -218,11 +219,10 @@ class PDOrchestrator:
         return Reply(Route.DISAGGREGATED, head, self._guarded(kind, plain, chunks, False))
 
     async def _unless_push_fails(self, step: Any, prefill: asyncio.Task,
-                                 wait_s: float | None = None) -> Any:
+                                 wait_s: float | None) -> Any:
         """``step`` (decode's next output), unless the prefill leg fails first or decode
-        outlives prefill's answer by ``wait_s`` (default ``push_wait_s``; 0: no limit):
-        then :class:`_PushAbandoned`."""
-        wait_s = self.push_wait_s if wait_s is None else (wait_s or None)
+        outlives prefill's answer by ``wait_s`` (None: no limit): then
+        :class:`_PushAbandoned`."""
         step = asyncio.ensure_future(step)
         try:
             await asyncio.wait({step, prefill}, return_when=asyncio.FIRST_COMPLETED)
