@@ -159,14 +159,18 @@ class PDOrchestrator:
         The reply waits for decode's first output, so a push that cannot complete (prefill
         failed or answered a client error, decode waited ``push_wait_s`` past prefill's
         answer) is abandoned before anything reached the client: decode's leg is cancelled
-        (vLLM frees its blocks) and the request decodes with local prefill, or the client's
-        error is returned, as on the pull path."""
+        and the request decodes with local prefill, or the client's error is returned, as on
+        the pull path.
+
+        The prefill call itself is never cancelled (``detached``): vLLM keeps a cancelled
+        decode leg's blocks until the KV it registered for arrives, and only prefill's WRITE
+        brings it, so an aborted prefill would leave those blocks held for good."""
         rid = uuid.uuid4().hex
         leg = prefill_request(kind, request).model_copy(update={"request_id": rid})
         pushed = request.model_copy(update={
             "request_id": rid, "kv_transfer_params": decode_push_params(target, kind, rid)})
         prefill = asyncio.create_task(
-            self._prefill_leg(kind, leg, _prefill_routing(hint, target.replica)))
+            self._prefill_leg(kind, leg, _prefill_routing(hint, target.replica), detached=True))
         if timeline is not None:
             prefill.add_done_callback(functools.partial(_note_prefill, timeline))
         stream = self.decode.stream(kind, pushed)
@@ -247,23 +251,25 @@ class PDOrchestrator:
         self.token_one_sources[source] += 1
         self.observer.token_one(source)
 
-    async def _prefill_leg(self, kind: str, leg: Any, routing: dict[str, Any]
-                           ) -> tuple[dict[str, Any] | Head | None, str]:
+    async def _prefill_leg(self, kind: str, leg: Any, routing: dict[str, Any],
+                           detached: bool = False) -> tuple[dict[str, Any] | Head | None, str]:
         """``_run_prefill``, observed (its duration and outcome; fallbacks counted)."""
         start = time.perf_counter()
-        outcome, label = await self._run_prefill(kind, leg, routing)
+        outcome, label = await self._run_prefill(kind, leg, routing, detached)
         self.observer.prefill_leg(label, time.perf_counter() - start)
         if label in FALLBACK_OUTCOMES:
             self.observer.fallback(label)
         return outcome, label
 
-    async def _run_prefill(self, kind: str, leg: Any, routing: dict[str, Any]
-                           ) -> tuple[dict[str, Any] | Head | None, str]:
+    async def _run_prefill(self, kind: str, leg: Any, routing: dict[str, Any],
+                           detached: bool = False) -> tuple[dict[str, Any] | Head | None, str]:
         """Prefill's answer (with ``kv_transfer_params`` for decode); a Head to return to the
         client; or None to fall back; with the outcome's label
-        (``app.metrics.math.prefill_outcome``)."""
+        (``app.metrics.math.prefill_outcome``). ``detached``: neither the timeout nor the
+        caller's cancellation cancels the call on the prefill engine."""
+        call = self.prefill.call_once(kind, leg, **routing)
         try:
-            head = await asyncio.wait_for(self.prefill.call_once(kind, leg, **routing),
+            head = await asyncio.wait_for(_detached(call) if detached else call,
                                           self.prefill_timeout_s)
         except TimeoutError:
             log.warning("prefill timed out after %.1fs; decoding with local prefill",
@@ -415,6 +421,24 @@ class PDOrchestrator:
                     self._emit_timeline(timeline, request_key)
                     timeline = None
                 yield chunk
+
+
+_DETACHED: set[asyncio.Task] = set()  # strong references until they finish
+
+
+def _detached(call: Any) -> asyncio.Future:
+    """``call`` in a task of its own that cancelling the awaiter does not reach; its outcome
+    is dropped if nobody waits for it any more."""
+    task = asyncio.ensure_future(call)
+    _DETACHED.add(task)
+
+    def done(t: asyncio.Task) -> None:
+        _DETACHED.discard(t)
+        if not t.cancelled():
+            t.exception()  # retrieved: a late failure is no one's to raise
+
+    task.add_done_callback(done)
+    return asyncio.shield(task)
 
 
 class _PushAbandoned(Exception):

@@ -10,6 +10,9 @@ rounding: another engine, another batch).
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
+import json
+import urllib.parse
 
 import pytest
 
@@ -135,3 +138,31 @@ def test_bad_input_is_a_client_error_on_the_push_path(urls):
         assert "vocab" in r.json()["error"]["message"]
     route, events = _stream(urls["push"], "/v1/completions", _body(41, 60, 4))
     assert route == "disaggregated" and len(_tokens(events)) == 4  # the path still works
+
+
+def test_a_client_gone_during_a_push_leaves_no_blocks_held(urls):
+    """vLLM keeps a cancelled pushed leg's blocks until the KV registered for them arrives.
+    The front hangs up decode's leg when the client goes, but never aborts the prefill call,
+    so prefill's WRITE still comes and decode frees them (it did not before: they stayed
+    held with no request running)."""
+    def idle(name):
+        return engine_stats("push", name)["kv_cache_usage"] == 0
+
+    wait_until(lambda: idle("DecodeServer") and idle("PrefillServer"), 60, what="idle engines")
+    url = urllib.parse.urlsplit(urls["push"])
+    body = json.dumps({**_body(50, 600, 40), "stream": True})
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        conn.request("POST", url.path + "/v1/completions", body,
+                     {"Content-Type": "application/json"})
+
+        def waiting_for_kv():  # decode admitted the leg and holds blocks; no KV yet
+            d = engine_stats("push", "DecodeServer")
+            return d["kv_cache_usage"] > 0 and d["num_running_reqs"] == 0
+        wait_until(waiting_for_kv, 60, interval=0.005, what="the pushed leg on decode")
+    finally:
+        conn.close()  # the client hangs up before any token
+    wait_until(lambda: idle("DecodeServer") and idle("PrefillServer"), 60,
+               what="decode and prefill to free the abandoned push's blocks")
+    route, events = _stream(urls["push"], "/v1/completions", _body(51, 60, 4))
+    assert route == "disaggregated" and len(_tokens(events)) == 4

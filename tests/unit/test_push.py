@@ -50,18 +50,22 @@ class PushedDecode:
 
 
 class SlowPrefill(FakeEngine):
-    """A prefill leg that only ends by being cancelled (then it sets ``cancelled``)."""
+    """A prefill leg that answers after ``seconds``; ``answered`` or ``cancelled`` is set by
+    how it ended on the engine."""
 
-    def __init__(self, cancelled: asyncio.Event):
+    def __init__(self, seconds: float = 0.3):
         super().__init__()
-        self.cancelled = cancelled
+        self.seconds = seconds
+        self.answered, self.cancelled = asyncio.Event(), asyncio.Event()
 
     async def call_once(self, kind, request, **routing):
         try:
-            await asyncio.sleep(10)
+            await asyncio.sleep(self.seconds)
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
+        self.answered.set()
+        return ANSWER
 
 
 def _orchestrator(decode, prefill, target=TARGET, wait_s=5.0):
@@ -146,8 +150,7 @@ async def test_a_pushed_leg_that_fails_before_token_one_is_retried_locally():
     assert decode.requests[1].kv_transfer_params is None
 
 
-async def test_a_decode_engine_lost_under_a_push_cancels_prefill_and_reruns():
-    cancelled = asyncio.Event()
+async def test_a_decode_engine_lost_under_a_push_reruns_and_prefill_still_ends():
     class LostDecode(PushedDecode):
         async def stream(self, kind, request):
             if (request.kv_transfer_params or {}).get("do_remote_prefill"):
@@ -157,13 +160,13 @@ async def test_a_decode_engine_lost_under_a_push_cancels_prefill_and_reruns():
             async for item in super().stream(kind, request):
                 yield item
 
-    decode = LostDecode()
-    reply = await _orchestrator(decode, SlowPrefill(cancelled)).handle("completion",
-                                                             Completion(stream=True))
+    decode, prefill = LostDecode(), SlowPrefill()
+    reply = await _orchestrator(decode, prefill).handle("completion", Completion(stream=True))
     assert reply.route is Route.FALLBACK
     assert await _collect(reply) == ["data: a\n\n", "data: [DONE]\n\n"]
-    await asyncio.wait_for(cancelled.wait(), 1.0)
     assert decode.requests[1].kv_transfer_params is None
+    await asyncio.wait_for(prefill.answered.wait(), 2.0)  # the prefill call is never aborted
+    assert not prefill.cancelled.is_set()
 
 
 async def test_kv_that_never_arrives_after_prefill_answered_falls_back():
@@ -192,17 +195,39 @@ async def test_a_whole_answer_is_returned_as_decode_gives_it():
     assert decode.requests[0].kv_transfer_params["do_remote_prefill"] is True
 
 
-async def test_a_client_gone_while_waiting_cancels_both_legs():
-    cancelled = asyncio.Event()
-    decode = PushedDecode(kv_after=None)
-    task = asyncio.create_task(_orchestrator(decode, SlowPrefill(cancelled)).handle(
+async def test_a_client_gone_while_waiting_closes_decode_but_lets_prefill_push():
+    # vLLM holds a cancelled decode leg's blocks until the KV registered for them arrives:
+    # an aborted prefill would never WRITE it, and the blocks would stay held.
+    decode, prefill = PushedDecode(kv_after=None), SlowPrefill()
+    task = asyncio.create_task(_orchestrator(decode, prefill).handle(
         "completion", Completion(stream=True)))
     await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.wait_for(cancelled.wait(), 1.0)
     assert decode.closed == [True]
+    await asyncio.wait_for(prefill.answered.wait(), 2.0)
+    assert not prefill.cancelled.is_set()
+
+
+async def test_a_prefill_past_its_timeout_falls_back_but_is_not_aborted():
+    decode, prefill = PushedDecode(kv_after=None), SlowPrefill()
+    orch = PDOrchestrator("disaggregated", decode, prefill, prefill_timeout_s=0.05,
+                          push_target=lambda hint: TARGET)
+    reply = await orch.handle("completion", Completion(stream=True))
+    assert reply.route is Route.FALLBACK
+    assert await _collect(reply) == ["data: a\n\n", "data: [DONE]\n\n"]
+    assert decode.closed[0] is True
+    await asyncio.wait_for(prefill.answered.wait(), 2.0)
+    assert not prefill.cancelled.is_set()
+
+
+async def test_a_pulled_prefill_past_its_timeout_is_aborted():
+    prefill = SlowPrefill()
+    orch = PDOrchestrator("disaggregated", PushedDecode(), prefill, prefill_timeout_s=0.05)
+    reply = await orch.handle("completion", Completion(stream=True))
+    assert reply.route is Route.FALLBACK
+    await asyncio.wait_for(prefill.cancelled.wait(), 2.0)  # nothing waits on its KV
 
 
 def test_push_target_is_read_from_the_plane_endpoint():
