@@ -85,7 +85,7 @@ class EngineProcessConfig(_Strict):
         gt=0,  # measured: 0 hangs engine start-up (a notification is missed)
         description="How long vLLM's engine-core/worker queue readers spin after a message "
         "before sleeping (vLLM: 1 s). On small CPU hosts where engines are pinned to every "
-        "core, spinning starves the serving processes; 0.002 frees them. None = vLLM's.",
+        "core, spinning starves the serving processes; 0.0005 frees them. None = vLLM's.",
     )
 
 

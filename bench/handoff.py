@@ -44,6 +44,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S  # noqa: E402
 from app.handoff.timeline import DETAIL_STAGES, STAGES, median_stages  # noqa: E402
 from app.ports import free_port  # noqa: E402
 from loadtests.envinfo import hardware, hardware_line  # noqa: E402
@@ -176,7 +177,7 @@ def app_config(args, model: str, port: int, first_token: bool, kv_dtype: str) ->
         "prefill": {"cpu_cores": ["0"]},
         "decode": {"cpu_cores": ["1"]},
         "nixl": {"side_channel_host": HOST, "progress_delay_us": args.nixl_delay_us},
-        "engine_process": {"shm_busy_loop_s": 0.002},
+        "engine_process": {"shm_busy_loop_s": SMALL_HOST_SHM_BUSY_LOOP_S},
         # every request disaggregated (the KV router would prefill short prompts on
         # decode: not with local_prefill_max_tokens 0)
         "routing": ({"policy": "kv", "local_prefill_max_tokens": 0, "advertise_host": HOST}

@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.cpu_pinning import describe_affinity, engine_pids, pin_process_tree  # noqa: E402
+from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S  # noqa: E402
 from app.ports import free_port  # noqa: E402
 from loadtests.envinfo import hardware, hardware_line  # noqa: E402
 from loadtests.mdsection import update_file  # noqa: E402
@@ -462,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--nixl-delay-us", type=int, default=100)
-    parser.add_argument("--shm-busy-loop-s", type=float, default=0.002,
+    parser.add_argument("--shm-busy-loop-s", type=float, default=SMALL_HOST_SHM_BUSY_LOOP_S,
                         help="vLLM queue-reader spin window for every setup (app config; "
                         "plain servers get it from the same plugin); as in local.yaml")
     parser.add_argument("--setups", default=",".join(SETUPS))

@@ -62,6 +62,7 @@ import httpx
 import yaml
 from rich.console import Console
 
+from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S
 from app.ports import free_port
 from loadtests.arrivals import trace_offsets
 from loadtests.client import CompletionsClient
@@ -295,7 +296,7 @@ def app_args(policy: str, model_path: str, served_name: str, max_model_len: int,
         "decode": dict(phase),
         "nixl": {"side_channel_host": "127.0.0.1", "progress_delay_us": 100},
         "routing": {"policy": policy, "advertise_host": "127.0.0.1"},
-        "engine_process": {"shm_busy_loop_s": 0.002},
+        "engine_process": {"shm_busy_loop_s": SMALL_HOST_SHM_BUSY_LOOP_S},
     }
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
+from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S
 from loadtests.bench import BenchConfig, run_benchmark
 from loadtests.compare import compare_markdown, compare_plots, load_result_dir
 from loadtests.envinfo import hardware, hardware_line
@@ -80,7 +81,7 @@ def app_args(mode: str, model_path: str, served_name: str, max_model_len: int,
         "prefill": {"num_replicas": 1, "cpu_cores": ["0"]},
         "decode": {"num_replicas": 1, "cpu_cores": ["1"]},
         "nixl": {"side_channel_host": "127.0.0.1", "progress_delay_us": 100},
-        "engine_process": {"shm_busy_loop_s": 0.002},  # as serve_configs/local.yaml
+        "engine_process": {"shm_busy_loop_s": SMALL_HOST_SHM_BUSY_LOOP_S},  # as local.yaml
         # disaggregated: the phase split itself, every request remote; conditional: the KV
         # router decides per request.
         "routing": routing,

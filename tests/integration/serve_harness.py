@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S
 from app.ports import free_port
 from app.serve_env import serve_env
 
@@ -35,7 +36,7 @@ def app_config(mode: str, **overrides: Any) -> dict[str, Any]:
         "aggregated": {"cpu_cores": ["0"], "ray_actor_options": {"num_cpus": 1}},
         "nixl": {"side_channel_host": "127.0.0.1"},
         "routing": {"prefill_timeout_s": 20, "policy": "power_of_two"},
-        "engine_process": {"shm_busy_loop_s": 0.002},
+        "engine_process": {"shm_busy_loop_s": SMALL_HOST_SHM_BUSY_LOOP_S},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):

@@ -5,6 +5,7 @@ import yaml
 from pydantic import ValidationError
 
 from app.config import AppConfig, parse_core_spec
+from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S
 
 CONFIGS = Path(__file__).resolve().parents[2] / "serve_configs"
 
@@ -19,6 +20,12 @@ def test_local_config_is_disaggregated_tiny_model_on_two_cores():
     assert cfg.model.served_model_name == "tiny-llama"
     assert [name for name, _ in cfg.phases()] == ["prefill", "decode"]
     assert cfg.prefill.cpu_cores == ["0"] and cfg.decode.cpu_cores == ["1"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("local*.yaml")))
+def test_local_configs_spin_as_the_tests_and_benches_do(name):
+    cfg = AppConfig.model_validate(_app_args(name))
+    assert cfg.engine_process.shm_busy_loop_s == SMALL_HOST_SHM_BUSY_LOOP_S
 
 
 def test_local_aggregated_config():
