@@ -64,7 +64,17 @@ class NixlConfig(_Strict):
         100,
         ge=0,
         description="Sleep of NIXL's progress thread between polls; 0 is NIXL's busy spin, "
-        "which burns a core per idle engine (DESIGN.md).",
+        "which burns a core per idle engine (DESIGN.md). NIXL rounds it up to whole ms.",
+    )
+    reader_progress_delay_us: int = Field(
+        20_000,
+        ge=0,
+        description="The same sleep on an engine that only READs (decode under pull "
+        "transfers): it starts its READs and polls them from its own scheduler steps, so "
+        "its progress thread has nothing on the path; each wake-up preempts the engine's "
+        "compute on its core (measured ~10% of decode's inter-token time on CPU, "
+        "docs/HANDOFF.md). Prefill (READ target) and decode under push (WRITE target) keep "
+        "progress_delay_us.",
     )
     side_channel_host: str | None = Field(
         None, description="Address engines advertise for the NIXL handshake; None = node IP."
@@ -331,6 +341,13 @@ class AppConfig(_Strict):
     def push_transfer(self) -> bool:
         """Whether the KV moves by push with early decode admission (app/handoff/push.py)."""
         return self.mode != "aggregated" and self.handoff.transfer == "push"
+
+    def nixl_progress_delay_us(self, role: str) -> int:
+        """NIXL's progress-thread sleep for an engine of ``role``: only a pull decode engine
+        never answers a peer (it is the READ's initiator)."""
+        if role == "decode" and not self.push_transfer:
+            return self.nixl.reader_progress_delay_us
+        return self.nixl.progress_delay_us
 
     @property
     def uses_prefill_plane(self) -> bool:

@@ -120,7 +120,7 @@ class EngineServer:
         env = os.environ
         env.pop("PYTHONTRACEMALLOC", None)  # traces this replica (diagnostics), not engines
         env.setdefault("VLLM_LOGGING_LEVEL", cfg.log_level)
-        env[NIXL_DELAY_ENV] = str(cfg.nixl.progress_delay_us)
+        env[NIXL_DELAY_ENV] = str(cfg.nixl_progress_delay_us(self.role))
         if cfg.engine_process.shm_busy_loop_s is not None:
             env[SHM_BUSY_LOOP_ENV] = str(cfg.engine_process.shm_busy_loop_s)
         if cfg.nixl.side_channel_host:

@@ -74,6 +74,21 @@ def test_kv_lease_reaches_vllm_connector_config():
                                   "nixl": {"kv_lease_s": 3}})
 
 
+def test_only_a_pull_decode_engine_gets_the_reader_progress_delay():
+    """Decode under pull only initiates READs (it polls them itself); prefill answers READs
+    and decode under push receives WRITEs and their notifications, so both keep the short
+    delay."""
+    base = {"model": {"path": "/m", "served_model_name": "m"},
+            "nixl": {"progress_delay_us": 100, "reader_progress_delay_us": 7000}}
+    pull = AppConfig.model_validate(base)
+    assert pull.nixl_progress_delay_us("decode") == 7000
+    assert pull.nixl_progress_delay_us("prefill") == 100
+    assert pull.nixl_progress_delay_us("aggregated") == 100
+    push = AppConfig.model_validate({**base, "handoff": {"transfer": "push"}})
+    assert push.nixl_progress_delay_us("decode") == 100
+    assert push.nixl_progress_delay_us("prefill") == 100
+
+
 def test_unknown_keys_are_rejected():
     with pytest.raises(ValidationError, match="prefil"):
         AppConfig.model_validate({"model": {"path": "m", "served_model_name": "m"}, "prefil": {}})
