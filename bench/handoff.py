@@ -44,6 +44,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.config import NixlConfig  # noqa: E402
 from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S  # noqa: E402
 from app.handoff.timeline import DETAIL_STAGES, STAGES, median_stages  # noqa: E402
 from app.ports import free_port  # noqa: E402
@@ -176,7 +177,8 @@ def app_config(args, model: str, port: int, first_token: bool, kv_dtype: str) ->
         "engine_args": engine,
         "prefill": {"cpu_cores": ["0"]},
         "decode": {"cpu_cores": ["1"]},
-        "nixl": {"side_channel_host": HOST, "progress_delay_us": args.nixl_delay_us},
+        "nixl": {"side_channel_host": HOST, "progress_delay_us": args.nixl_delay_us,
+                 "reader_progress_delay_us": args.reader_delay_us},
         "engine_process": {"shm_busy_loop_s": SMALL_HOST_SHM_BUSY_LOOP_S},
         # every request disaggregated (the KV router would prefill short prompts on
         # decode: not with local_prefill_max_tokens 0)
@@ -311,7 +313,8 @@ def markdown(args, command: str, tiny: dict[str, Point], small: dict[str, dict[s
         f"- Disaggregated app (`routing.policy: {args.policy}`: every request takes the P/D "
         "path), "
         "prefill engine on core 0, decode on core 1, block size 32, "
-        f"NIXL progress delay {args.nixl_delay_us} µs, `handoff.timeline: true`; sequential "
+        f"NIXL progress delay {args.nixl_delay_us} µs ({args.reader_delay_us} µs on decode "
+        "under pull), `handoff.timeline: true`; sequential "
         "streaming completions of random token ids, greedy, `ignore_eos`.",
         "- Timeline stages (medians, ms) from the front's per-request `pd_timeline` log lines: "
         "front marks plus vLLM's engine-core request timestamps (one host, one monotonic "
@@ -404,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-requests", type=int, default=6, help="per small point")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--nixl-delay-us", type=int, default=100)
+    parser.add_argument("--reader-delay-us", type=int,
+                        default=NixlConfig.model_fields["reader_progress_delay_us"].default,
+                        help="nixl.reader_progress_delay_us (decode engines under pull)")
     parser.add_argument("--skip-small", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
                         help="override an app setting (experiments), e.g. "

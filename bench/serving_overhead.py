@@ -60,6 +60,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.config import NixlConfig  # noqa: E402
 from app.cpu_pinning import describe_affinity, engine_pids, pin_process_tree  # noqa: E402
 from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S  # noqa: E402
 from app.ports import free_port  # noqa: E402
@@ -76,6 +77,7 @@ from loadtests.servers import (  # noqa: E402
 
 SECTION = "bench:serving_overhead"
 # Setups compared by a check run next to each other (this machine's speed drifts in minutes).
+READER_DELAY_US = NixlConfig.model_fields["reader_progress_delay_us"].default
 SETUPS = ("plain", "aggregated", "disaggregated", "disaggregated-push", "disaggregated-handle",
           "disaggregated-token1-decode", "kv-router", "disaggregated-front", "plain-pd",
           "plain-pd-push", "disaggregated-nixl-spin", "aggregated-ray-proxy")
@@ -221,7 +223,7 @@ def vllm_server_command(args, port: int, core: int, kv_config: dict | None) -> l
     return cmd
 
 
-def app_serve_config(args, mode: str, port: int, nixl_delay_us: int,
+def app_serve_config(args, mode: str, port: int, nixl_delay_us: int, reader_delay_us: int,
                      policy: str = "power_of_two", token_one_from_prefill: bool = True,
                      front: str = "engine", prefill_plane: bool = True,
                      transfer: str = "pull") -> dict[str, Any]:
@@ -232,7 +234,8 @@ def app_serve_config(args, mode: str, port: int, nixl_delay_us: int,
         "aggregated": {"cpu_cores": ["0"]},
         "prefill": {"cpu_cores": ["0"]},
         "decode": {"cpu_cores": ["1"]},
-        "nixl": {"side_channel_host": HOST, "progress_delay_us": nixl_delay_us},
+        "nixl": {"side_channel_host": HOST, "progress_delay_us": nixl_delay_us,
+                 "reader_progress_delay_us": reader_delay_us},
         "engine_process": {"shm_busy_loop_s": args.shm_busy_loop_s},
         "routing": {"policy": policy},
         "handoff": {"first_token_from_prefill": token_one_from_prefill,
@@ -262,11 +265,13 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
     if setup in APP_SETUPS:
         port = free_port()
         mode = "aggregated" if setup.startswith("aggregated") else "disaggregated"
-        delay = 0 if setup.endswith("spin") else args.nixl_delay_us
+        spin = setup.endswith("spin")  # NIXL's own 0 µs on every engine
+        delay, reader_delay = (0, 0) if spin else (args.nixl_delay_us, args.reader_delay_us)
         cfg_path = workdir / f"{setup}.yaml"
         policy = "kv" if setup == "kv-router" else "power_of_two"
         cfg_path.write_text(yaml.safe_dump(app_serve_config(
-            args, mode, port, delay, policy, setup != "disaggregated-token1-decode",
+            args, mode, port, delay, reader_delay, policy,
+            setup != "disaggregated-token1-decode",
             "separate" if setup == "disaggregated-front" else "engine",
             prefill_plane=setup != "disaggregated-handle",
             transfer="push" if setup == "disaggregated-push" else "pull"), sort_keys=False))
@@ -292,6 +297,8 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
                 kv["engine_id"] = push_engine_id(role)
             role_env = {**env, "VLLM_CPU_OMP_THREADS_BIND": str(core),
                         "VLLM_NIXL_SIDE_CHANNEL_PORT": str(nixl_port)}
+            if role == "decode" and not push:  # as the app's pull decode engines
+                role_env["PD_NIXL_PROGRESS_DELAY_US"] = str(args.reader_delay_us)
             log = workdir / f"{setup}-{role}.log"
             proc = start_logged(vllm_server_command(args, port, core, kv), log, ROOT, role_env)
             procs.append((proc, port, log))
@@ -418,7 +425,8 @@ def markdown(args, command: str, results: dict[tuple[str, int], Result]) -> str:
         f"{args.requests} requests per point after {args.warmup} warm-up; closed loop.",
         "- Engines: vLLM-CPU, `enforce_eager`, block size 32, 1 GiB KV cache; a single engine "
         "on core 0; P/D: prefill on core 0, decode on core 1, NixlConnector over UCX, NIXL "
-        f"progress delay {args.nixl_delay_us} µs, vLLM queue-reader spin "
+        f"progress delay {args.nixl_delay_us} µs ({args.reader_delay_us} µs on decode under "
+        "pull, `nixl.reader_progress_delay_us`), vLLM queue-reader spin "
         f"{args.shm_busy_loop_s} s (same settings for the plain servers).",
         "- App topology: the decode (or aggregated) engine replica is the HTTP ingress; Ray "
         "settings of `app/serve_env.py` (HAProxy + direct ingress) except in "
@@ -463,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--nixl-delay-us", type=int, default=100)
+    parser.add_argument("--reader-delay-us", type=int, default=READER_DELAY_US,
+                        help="nixl.reader_progress_delay_us (decode engines under pull)")
     parser.add_argument("--shm-busy-loop-s", type=float, default=SMALL_HOST_SHM_BUSY_LOOP_S,
                         help="vLLM queue-reader spin window for every setup (app config; "
                         "plain servers get it from the same plugin); as in local.yaml")
