@@ -408,6 +408,22 @@ def test_engines_are_pinned_and_idle_engines_do_not_spin(urls):
         assert busy < 40.0, f"{deployment} engine processes use {busy:.0f}% CPU while idle"
 
 
+def test_each_engine_gets_its_roles_nixl_progress_delay(urls):
+    """Decode under pull only starts and polls its READs, so its NIXL progress thread sleeps
+    longer (nixl.reader_progress_delay_us); prefill, the READ's target, keeps the short one.
+    The engine-process plugin reads the delay from the environment the engines inherit."""
+    from app.config import AppConfig
+    from app.engine_process import NIXL_DELAY_ENV
+
+    cfg = AppConfig.model_validate(app_config("disaggregated"))
+    assert cfg.nixl.reader_progress_delay_us != cfg.nixl.progress_delay_us
+    for deployment, role in (("PrefillServer", "prefill"), ("DecodeServer", "decode")):
+        pids = engine_stats("pd", deployment)["affinity"]
+        assert pids, f"{deployment} reported no engine processes"
+        delays = {psutil.Process(int(pid)).environ().get(NIXL_DELAY_ENV) for pid in pids}
+        assert delays == {str(cfg.nixl_progress_delay_us(role))}, (deployment, delays)
+
+
 # --- failure: prefill gone ------------------------------------------------------------------
 
 
