@@ -76,8 +76,8 @@ from loadtests.servers import (  # noqa: E402
 )
 
 SECTION = "bench:serving_overhead"
-# Setups compared by a check run next to each other (this machine's speed drifts in minutes).
 READER_DELAY_US = NixlConfig.model_fields["reader_progress_delay_us"].default
+# Setups compared by a check run next to each other (this machine's speed drifts in minutes).
 SETUPS = ("plain", "aggregated", "disaggregated", "disaggregated-push", "disaggregated-handle",
           "disaggregated-token1-decode", "kv-router", "disaggregated-front", "plain-pd",
           "plain-pd-push", "disaggregated-nixl-spin", "aggregated-ray-proxy")
