@@ -56,6 +56,11 @@ class PhaseConfig(_Strict):
         return cores
 
 
+# Decode's NIXL progress-thread sleep under pull (NixlConfig.reader_progress_delay_us); the
+# benches start their plain servers with it too.
+READER_PROGRESS_DELAY_US = 20_000
+
+
 class NixlConfig(_Strict):
     kv_buffer_device: Literal["cpu", "cuda", "auto"] = Field(
         "auto", description="Where NIXL stages KV: 'auto' picks cuda on GPUs, cpu otherwise."
@@ -67,7 +72,7 @@ class NixlConfig(_Strict):
         "which burns a core per idle engine (DESIGN.md). NIXL rounds it up to whole ms.",
     )
     reader_progress_delay_us: int = Field(
-        20_000,
+        READER_PROGRESS_DELAY_US,
         ge=0,
         description="The same sleep on an engine that only READs (decode under pull "
         "transfers): it starts its READs and polls them from its own scheduler steps, so "

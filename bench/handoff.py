@@ -44,7 +44,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.config import NixlConfig  # noqa: E402
+from app.config import READER_PROGRESS_DELAY_US  # noqa: E402
 from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S  # noqa: E402
 from app.handoff.timeline import DETAIL_STAGES, STAGES, median_stages  # noqa: E402
 from app.ports import free_port  # noqa: E402
@@ -407,8 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-requests", type=int, default=6, help="per small point")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--nixl-delay-us", type=int, default=100)
-    parser.add_argument("--reader-delay-us", type=int,
-                        default=NixlConfig.model_fields["reader_progress_delay_us"].default,
+    parser.add_argument("--reader-delay-us", type=int, default=READER_PROGRESS_DELAY_US,
                         help="nixl.reader_progress_delay_us (decode engines under pull)")
     parser.add_argument("--skip-small", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import sys
@@ -32,7 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serving_overhead import HOST, pin_plain_server, vllm_server_command  # noqa: E402
+from serving_overhead import (  # noqa: E402
+    HOST,
+    pin_plain_server,
+    server_env,
+    vllm_server_command,
+)
 
 from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S  # noqa: E402
 from app.ports import free_port  # noqa: E402
@@ -73,12 +77,9 @@ def start(spec: str, core: int, args, workdir: Path):
     if kind not in ("plain", "nixl") or (kind == "nixl" and not delay.isdigit()):
         raise SystemExit(f"bad server {spec!r}: plain or nixl:<delay µs>")
     port = free_port()
-    env = {**os.environ, "VLLM_HOST_IP": HOST, "VLLM_NIXL_SIDE_CHANNEL_HOST": HOST,
-           "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "VLLM_LOGGING_LEVEL": "ERROR",
-           "VLLM_CPU_OMP_THREADS_BIND": str(core),
-           "PD_SHM_BUSY_LOOP_S": str(SMALL_HOST_SHM_BUSY_LOOP_S)}
-    if delay:
-        env["PD_NIXL_PROGRESS_DELAY_US"] = delay
+    env = {**server_env(int(delay) if delay else None, SMALL_HOST_SHM_BUSY_LOOP_S),
+           "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+           "VLLM_CPU_OMP_THREADS_BIND": str(core)}
     log = workdir / f"{spec.replace(':', '-')}-core{core}.log"
     cmd = vllm_server_command(args, port, core, NIXL if kind == "nixl" else None)
     return start_logged(cmd, log, ROOT, env), port, log

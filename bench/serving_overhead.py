@@ -60,7 +60,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.config import NixlConfig  # noqa: E402
+from app.config import READER_PROGRESS_DELAY_US  # noqa: E402
 from app.cpu_pinning import describe_affinity, engine_pids, pin_process_tree  # noqa: E402
 from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S  # noqa: E402
 from app.ports import free_port  # noqa: E402
@@ -76,7 +76,6 @@ from loadtests.servers import (  # noqa: E402
 )
 
 SECTION = "bench:serving_overhead"
-READER_DELAY_US = NixlConfig.model_fields["reader_progress_delay_us"].default
 # Setups compared by a check run next to each other (this machine's speed drifts in minutes).
 SETUPS = ("plain", "aggregated", "disaggregated", "disaggregated-push", "disaggregated-handle",
           "disaggregated-token1-decode", "kv-router", "disaggregated-front", "plain-pd",
@@ -254,12 +253,21 @@ def app_serve_config(args, mode: str, port: int, nixl_delay_us: int, reader_dela
     }
 
 
+def server_env(nixl_delay_us: int | None, shm_busy_loop_s: float | None) -> dict[str, str]:
+    """Environment of a bench's servers: loopback NIXL, quiet vLLM, and the engine-process
+    plugin's settings (it runs in plain vLLM servers too)."""
+    env = {**os.environ, "VLLM_HOST_IP": HOST, "VLLM_NIXL_SIDE_CHANNEL_HOST": HOST,
+           "VLLM_LOGGING_LEVEL": "ERROR"}
+    if nixl_delay_us is not None:
+        env["PD_NIXL_PROGRESS_DELAY_US"] = str(nixl_delay_us)
+    if shm_busy_loop_s is not None:
+        env["PD_SHM_BUSY_LOOP_S"] = str(shm_busy_loop_s)
+    return env
+
+
 def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
     """Start the servers of one setup; returns (processes with ports, urls)."""
-    env = {**os.environ, "VLLM_HOST_IP": HOST, "VLLM_NIXL_SIDE_CHANNEL_HOST": HOST,
-           "PD_NIXL_PROGRESS_DELAY_US": str(args.nixl_delay_us), "VLLM_LOGGING_LEVEL": "ERROR"}
-    if args.shm_busy_loop_s is not None:  # the same plugin applies it to plain servers
-        env["PD_SHM_BUSY_LOOP_S"] = str(args.shm_busy_loop_s)
+    env = server_env(args.nixl_delay_us, args.shm_busy_loop_s)
     procs, urls = [], {}
     to_pin: list[tuple[int, int]] = []  # plain servers: (pid, core), pinned once ready
     if setup in APP_SETUPS:
@@ -471,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--nixl-delay-us", type=int, default=100)
-    parser.add_argument("--reader-delay-us", type=int, default=READER_DELAY_US,
+    parser.add_argument("--reader-delay-us", type=int, default=READER_PROGRESS_DELAY_US,
                         help="nixl.reader_progress_delay_us (decode engines under pull)")
     parser.add_argument("--shm-busy-loop-s", type=float, default=SMALL_HOST_SHM_BUSY_LOOP_S,
                         help="vLLM queue-reader spin window for every setup (app config; "
