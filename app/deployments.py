@@ -25,6 +25,9 @@ from app.engine_clients import HandleEngineClient, LocalEngineClient, prefill_cl
 from app.engine_host import EngineHost
 from app.engine_process import (
     KV_EVENTS_BIND_ENV,
+    KV_READ_WAIT_ENV,
+    KV_READS_FIRST_ENV,
+    KV_WAIT_SLEEP_ENV,
     NIXL_DELAY_ENV,
     SHM_BUSY_LOOP_ENV,
     setup_engine_process,
@@ -123,6 +126,17 @@ class EngineServer:
         env[NIXL_DELAY_ENV] = str(cfg.nixl_progress_delay_us(self.role))
         if cfg.engine_process.shm_busy_loop_s is not None:
             env[SHM_BUSY_LOOP_ENV] = str(cfg.engine_process.shm_busy_loop_s)
+        kv_wait = cfg.kv_wait_sleep_s(self.role)
+        if kv_wait is not None:
+            env[KV_WAIT_SLEEP_ENV] = str(kv_wait)
+        else:
+            env.pop(KV_WAIT_SLEEP_ENV, None)
+        reads_first, read_wait = cfg.pull_read_patches(self.role)
+        env[KV_READS_FIRST_ENV] = "1" if reads_first else "0"
+        if read_wait > 0:
+            env[KV_READ_WAIT_ENV] = str(read_wait)
+        else:
+            env.pop(KV_READ_WAIT_ENV, None)
         if cfg.nixl.side_channel_host:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = cfg.nixl.side_channel_host
             env.setdefault("VLLM_HOST_IP", cfg.nixl.side_channel_host)

@@ -89,6 +89,41 @@ def test_only_a_pull_decode_engine_gets_the_reader_progress_delay():
     assert push.nixl_progress_delay_us("prefill") == 100
 
 
+def test_only_a_pull_decode_engine_gets_the_short_kv_wait_sleep():
+    """A pull decode engine's READ is noticed at an idle engine step; under push decode
+    waits through the whole prefill (a short sleep would spin its core all that time), and
+    prefill's idle steps (waiting for readers to free blocks) are off the request's path."""
+    base = {"model": {"path": "/m", "served_model_name": "m"},
+            "engine_process": {"kv_wait_sleep_s": 0.0002}}
+    pull = AppConfig.model_validate(base)
+    assert pull.kv_wait_sleep_s("decode") == 0.0002
+    assert pull.kv_wait_sleep_s("prefill") is None
+    assert pull.kv_wait_sleep_s("aggregated") is None
+    push = AppConfig.model_validate({**base, "handoff": {"transfer": "push"}})
+    assert push.kv_wait_sleep_s("decode") is None
+    vllms = AppConfig.model_validate({**base, "engine_process": {"kv_wait_sleep_s": None}})
+    assert vllms.kv_wait_sleep_s("decode") is None
+    for bad in (0, 0.002):  # 0 would spin; above vLLM's 1 ms only delays the handoff
+        with pytest.raises(ValidationError, match="kv_wait_sleep_s"):
+            AppConfig.model_validate({**base, "engine_process": {"kv_wait_sleep_s": bad}})
+
+
+def test_only_a_pull_decode_engine_gets_the_in_step_read_patches():
+    base = {"model": {"path": "/m", "served_model_name": "m"},
+            "engine_process": {"kv_reads_before_forward": True, "kv_read_wait_s": 0.004}}
+    pull = AppConfig.model_validate(base)
+    assert pull.pull_read_patches("decode") == (True, 0.004)
+    assert pull.pull_read_patches("prefill") == (False, 0.0)
+    assert pull.pull_read_patches("aggregated") == (False, 0.0)
+    push = AppConfig.model_validate({**base, "handoff": {"transfer": "push"}})
+    assert push.pull_read_patches("decode") == (False, 0.0)
+    gpu = AppConfig.model_validate(
+        {**base, "engine_process": {"kv_reads_before_forward": False, "kv_read_wait_s": 0}})
+    assert gpu.pull_read_patches("decode") == (False, 0.0)
+    with pytest.raises(ValidationError, match="kv_read_wait_s"):
+        AppConfig.model_validate({**base, "engine_process": {"kv_read_wait_s": -1}})
+
+
 def test_unknown_keys_are_rejected():
     with pytest.raises(ValidationError, match="prefil"):
         AppConfig.model_validate({"model": {"path": "m", "served_model_name": "m"}, "prefil": {}})
