@@ -62,9 +62,6 @@ READER_PROGRESS_DELAY_US = 20_000
 # A pull decode engine's sleep between idle engine steps while its requests wait for their KV
 # (EngineProcessConfig.kv_wait_sleep_s; vLLM's is 1 ms).
 KV_WAIT_SLEEP_S = 0.0001
-# How long a pull decode engine's worker waits, in a step with nothing to compute, for the
-# READs it just posted (EngineProcessConfig.kv_read_wait_s).
-KV_READ_WAIT_S = 0.005
 
 
 class NixlConfig(_Strict):
@@ -115,7 +112,7 @@ class EngineProcessConfig(_Strict):
         description="How long a decode engine pulling KV sleeps between engine steps that "
         "ran nothing while its requests wait for their READ (vLLM: 1 ms). The READ's end is "
         "seen only at such a step and the request runs one step later, so vLLM's 1 ms sits "
-        "on every handoff's path once or twice (docs/HANDOFF.md). Only decode engines under "
+        "on every handoff's path, often twice (docs/HANDOFF.md). Only decode engines under "
         "pull transfers get it: under push decode waits through the whole prefill, and "
         "prefill's waits (for the reader to free blocks) are off the path. None = vLLM's.",
     )
@@ -125,14 +122,6 @@ class EngineProcessConfig(_Strict):
         "(vLLM posts them after launching it, which on a CPU means after the whole forward: "
         "the READ was then collected a step later and the request ran two steps after its "
         "admission). Off = vLLM's order, which suits GPUs (the GPU configs set it).",
-    )
-    kv_read_wait_s: float = Field(
-        KV_READ_WAIT_S,
-        ge=0,
-        le=0.1,
-        description="In a step with nothing to compute, a pull decode engine's worker polls "
-        "the READs it just posted for up to this long before answering (vLLM answers at once "
-        "and sees them done a round trip later). 0 = vLLM's.",
     )
 
 
@@ -392,13 +381,11 @@ class AppConfig(_Strict):
             return self.engine_process.kv_wait_sleep_s
         return None
 
-    def pull_read_patches(self, role: str) -> tuple[bool, float]:
-        """(post READs before the forward pass, in-step READ wait) for an engine of ``role``:
-        only a pull decode engine READs."""
-        if role == "decode" and not self.push_transfer:
-            return (self.engine_process.kv_reads_before_forward,
-                    self.engine_process.kv_read_wait_s)
-        return False, 0.0
+    def reads_before_forward(self, role: str) -> bool:
+        """Whether an engine of ``role`` posts a step's KV READs before its forward pass: only
+        a pull decode engine READs."""
+        return (role == "decode" and not self.push_transfer
+                and self.engine_process.kv_reads_before_forward)
 
     @property
     def uses_prefill_plane(self) -> bool:

@@ -25,7 +25,6 @@ from app.engine_clients import HandleEngineClient, LocalEngineClient, prefill_cl
 from app.engine_host import EngineHost
 from app.engine_process import (
     KV_EVENTS_BIND_ENV,
-    KV_READ_WAIT_ENV,
     KV_READS_FIRST_ENV,
     KV_WAIT_SLEEP_ENV,
     NIXL_DELAY_ENV,
@@ -126,17 +125,8 @@ class EngineServer:
         env[NIXL_DELAY_ENV] = str(cfg.nixl_progress_delay_us(self.role))
         if cfg.engine_process.shm_busy_loop_s is not None:
             env[SHM_BUSY_LOOP_ENV] = str(cfg.engine_process.shm_busy_loop_s)
-        kv_wait = cfg.kv_wait_sleep_s(self.role)
-        if kv_wait is not None:
-            env[KV_WAIT_SLEEP_ENV] = str(kv_wait)
-        else:
-            env.pop(KV_WAIT_SLEEP_ENV, None)
-        reads_first, read_wait = cfg.pull_read_patches(self.role)
-        env[KV_READS_FIRST_ENV] = "1" if reads_first else "0"
-        if read_wait > 0:
-            env[KV_READ_WAIT_ENV] = str(read_wait)
-        else:
-            env.pop(KV_READ_WAIT_ENV, None)
+        _set_env(env, KV_WAIT_SLEEP_ENV, cfg.kv_wait_sleep_s(self.role))
+        env[KV_READS_FIRST_ENV] = "1" if cfg.reads_before_forward(self.role) else "0"
         if cfg.nixl.side_channel_host:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = cfg.nixl.side_channel_host
             env.setdefault("VLLM_HOST_IP", cfg.nixl.side_channel_host)
@@ -365,3 +355,11 @@ class AggregatedServer(EngineFront):
 KVRouterServer = serve.deployment(
     serve.ingress()(KVRouter), name="KVRouter", ray_actor_options={"num_cpus": 0},
     max_ongoing_requests=1000)
+
+
+def _set_env(env, name: str, value: float | None) -> None:
+    """``name`` for the engine processes spawned from here; None = not set (vLLM's own)."""
+    if value is None:
+        env.pop(name, None)
+    else:
+        env[name] = str(value)

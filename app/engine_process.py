@@ -15,9 +15,9 @@ never import our code otherwise. The fixes are measured in DESIGN.md and docs/HA
 * vLLM's engine core sleeps 1 ms between engine steps that ran no model while requests wait
   (for remote KV): on a pull decode engine that is on every handoff's path, once or twice
   (``PD_KV_WAIT_SLEEP_S`` shortens it, see :func:`patch_kv_wait_sleep`).
-* On a pull decode engine, vLLM posts a step's KV READs after its forward pass and collects
-  them at once: ``PD_KV_READS_BEFORE_FORWARD`` and ``PD_KV_READ_WAIT_S`` make a READ finish in
-  the step that posts it (:func:`patch_reads_before_forward`, :func:`patch_read_wait`).
+* On a pull decode engine, vLLM posts a step's KV READs after its forward pass, which on a CPU
+  is after the whole forward: ``PD_KV_READS_BEFORE_FORWARD=1`` posts them before it, so they
+  finish during it (:func:`patch_reads_before_forward`).
 * vLLM's KV-event publisher *binds* only wildcard endpoints (``tcp://*:port``, every
   interface) and *connects* to any other. ``PD_KV_EVENTS_BIND_HOST=1`` makes it bind a
   host-specific endpoint too, so the socket listens on the cluster-internal address only
@@ -47,7 +47,6 @@ KV_WAIT_SLEEP_ENV = "PD_KV_WAIT_SLEEP_S"
 # vLLM's EngineCore._process_engine_step: ``time.sleep(0.001)`` after a step that ran no model
 # while the scheduler still has requests (waiting for remote KV, or delayed frees).
 VLLM_KV_WAIT_SLEEP_S = 0.001
-KV_READ_WAIT_ENV = "PD_KV_READ_WAIT_S"
 KV_READS_FIRST_ENV = "PD_KV_READS_BEFORE_FORWARD"
 _SYS_ARCH_PRCTL = 158
 _ARCH_REQ_XCOMP_PERM = 0x1023
@@ -194,70 +193,6 @@ def patch_reads_before_forward() -> bool:
     return True
 
 
-def patch_read_wait(wait_s: float) -> bool:
-    """Make a step with nothing to compute wait up to ``wait_s`` for the READs it posted.
-
-    Such a step posts its READs and collects finished ones at once, so a READ that ends a
-    moment later is seen only a whole engine-core/worker round trip later (and runs one step
-    after that). The engine has nothing else to do meanwhile, so the worker polls instead.
-    """
-    try:
-        from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import (
-            NixlPullConnectorWorker,
-        )
-        from vllm.v1.worker.kv_connector_model_runner_mixin import (
-            KVConnectorModelRunnerMixin,
-        )
-    except Exception:  # noqa: BLE001 - not a vLLM process, or no NIXL
-        return False
-    _ReadWait.seconds = wait_s
-    if getattr(NixlPullConnectorWorker, "_pd_serve_read_wait", False):
-        return True
-    no_forward = KVConnectorModelRunnerMixin.kv_connector_no_forward
-    start_load_kv = NixlPullConnectorWorker.start_load_kv
-    get_transfer_results = NixlPullConnectorWorker.get_transfer_results
-
-    def kv_connector_no_forward(scheduler_output, vllm_config):
-        _ReadWait.no_forward = True
-        try:
-            return no_forward(scheduler_output, vllm_config)
-        finally:
-            _ReadWait.no_forward = False
-
-    def start_load_kv_noted(self, metadata):
-        start_load_kv(self, metadata)
-        _ReadWait.posted.update(metadata.reqs_to_recv)
-
-    def get_transfer_results_waiting(self):
-        posted, _ReadWait.posted = _ReadWait.posted, set()
-        if posted and _ReadWait.no_forward and _ReadWait.seconds > 0:
-            _ReadWait.wait(self, posted)
-        return get_transfer_results(self)
-
-    KVConnectorModelRunnerMixin.kv_connector_no_forward = staticmethod(kv_connector_no_forward)
-    NixlPullConnectorWorker.start_load_kv = start_load_kv_noted
-    NixlPullConnectorWorker.get_transfer_results = get_transfer_results_waiting
-    NixlPullConnectorWorker._pd_serve_read_wait = True
-    return True
-
-
-class _ReadWait:
-    """The worker's state for :func:`patch_read_wait` (one worker per process)."""
-
-    seconds = 0.0
-    no_forward = False  # inside vLLM's kv_connector_no_forward
-    posted: set[str] = set()  # requests whose READs this step's start_load_kv posted
-
-    @classmethod
-    def wait(cls, worker, request_ids: set[str]) -> None:
-        """Poll the READs of ``request_ids`` until none is in progress or time is up; vLLM's
-        own bookkeeping then finds them done (a finished handle stays DONE until released)."""
-        handles = [h for rid in request_ids for h in worker._recving_transfers.get(rid, ())]
-        deadline = time.perf_counter() + cls.seconds
-        while handles and time.perf_counter() < deadline:
-            handles = [h for h in handles if worker.nixl_wrapper.check_xfer_state(h) == "PROC"]
-
-
 def patch_kv_events_bind() -> bool:
     """Make vLLM's ZMQ KV-event publisher bind ``tcp://<host>:<port>`` instead of connecting.
 
@@ -292,6 +227,3 @@ def setup_engine_process() -> None:
         patch_kv_wait_sleep(float(kv_wait))
     if os.environ.get(KV_READS_FIRST_ENV) == "1":
         patch_reads_before_forward()
-    read_wait = os.environ.get(KV_READ_WAIT_ENV)
-    if read_wait:
-        patch_read_wait(float(read_wait))

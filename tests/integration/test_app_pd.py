@@ -412,16 +412,11 @@ def test_each_engine_gets_its_roles_engine_process_patches(urls):
     """Decode under pull only starts and polls its READs, so its NIXL progress thread sleeps
     longer (nixl.reader_progress_delay_us); prefill, the READ's target, keeps the short one.
     Decode's engine core also polls for the READ's end more often than vLLM's 1 ms
-    (engine_process.kv_wait_sleep_s) and finishes a READ in the step that posts it
-    (kv_reads_before_forward, kv_read_wait_s); prefill keeps vLLM's behaviour. The
+    (engine_process.kv_wait_sleep_s) and posts a step's READs before its forward pass
+    (kv_reads_before_forward); prefill keeps vLLM's behaviour. The
     engine-process plugin reads all of them from the environment the engines inherit."""
     from app.config import AppConfig
-    from app.engine_process import (
-        KV_READ_WAIT_ENV,
-        KV_READS_FIRST_ENV,
-        KV_WAIT_SLEEP_ENV,
-        NIXL_DELAY_ENV,
-    )
+    from app.engine_process import KV_READS_FIRST_ENV, KV_WAIT_SLEEP_ENV, NIXL_DELAY_ENV
 
     cfg = AppConfig.model_validate(app_config("disaggregated"))
     assert cfg.nixl.reader_progress_delay_us != cfg.nixl.progress_delay_us
@@ -435,12 +430,10 @@ def test_each_engine_gets_its_roles_engine_process_patches(urls):
         sleep = cfg.kv_wait_sleep_s(role)
         sleeps = {env.get(KV_WAIT_SLEEP_ENV) for env in environs}
         assert sleeps == {None if sleep is None else str(sleep)}, (deployment, sleeps)
-        reads_first, read_wait = cfg.pull_read_patches(role)
-        assert (reads_first, read_wait > 0) == (role == "decode", role == "decode")
+        reads_first = cfg.reads_before_forward(role)
+        assert reads_first == (role == "decode")
         assert {env.get(KV_READS_FIRST_ENV) for env in environs} == {
             "1" if reads_first else "0"}, deployment
-        assert {env.get(KV_READ_WAIT_ENV) for env in environs} == {
-            str(read_wait) if read_wait else None}, deployment
 
 
 # --- failure: prefill gone ------------------------------------------------------------------

@@ -108,20 +108,17 @@ def test_only_a_pull_decode_engine_gets_the_short_kv_wait_sleep():
             AppConfig.model_validate({**base, "engine_process": {"kv_wait_sleep_s": bad}})
 
 
-def test_only_a_pull_decode_engine_gets_the_in_step_read_patches():
-    base = {"model": {"path": "/m", "served_model_name": "m"},
-            "engine_process": {"kv_reads_before_forward": True, "kv_read_wait_s": 0.004}}
+def test_only_a_pull_decode_engine_posts_reads_before_the_forward_pass():
+    base = {"model": {"path": "/m", "served_model_name": "m"}}
     pull = AppConfig.model_validate(base)
-    assert pull.pull_read_patches("decode") == (True, 0.004)
-    assert pull.pull_read_patches("prefill") == (False, 0.0)
-    assert pull.pull_read_patches("aggregated") == (False, 0.0)
+    assert pull.reads_before_forward("decode") is True
+    assert pull.reads_before_forward("prefill") is False
+    assert pull.reads_before_forward("aggregated") is False
     push = AppConfig.model_validate({**base, "handoff": {"transfer": "push"}})
-    assert push.pull_read_patches("decode") == (False, 0.0)
+    assert push.reads_before_forward("decode") is False
     gpu = AppConfig.model_validate(
-        {**base, "engine_process": {"kv_reads_before_forward": False, "kv_read_wait_s": 0}})
-    assert gpu.pull_read_patches("decode") == (False, 0.0)
-    with pytest.raises(ValidationError, match="kv_read_wait_s"):
-        AppConfig.model_validate({**base, "engine_process": {"kv_read_wait_s": -1}})
+        {**base, "engine_process": {"kv_reads_before_forward": False}})
+    assert gpu.reads_before_forward("decode") is False
 
 
 def test_unknown_keys_are_rejected():

@@ -234,86 +234,38 @@ def test_kv_wait_sleep_untouched_without_setting(monkeypatch):
     assert core.time is time
 
 
-# --- a pull decode engine's READ finishes within the step that posts it ---------------------
+# --- a pull decode engine posts a step's KV READs before its forward pass -------------------
 
 
-class _Nixl:
-    """check_xfer_state of NIXL's wrapper: each handle is in progress for ``polls`` checks."""
-
-    def __init__(self, polls: int | None):
-        self.polls, self.checks = polls, 0
-
-    def check_xfer_state(self, handle):
-        self.checks += 1
-        return "PROC" if self.polls is None or self.checks <= self.polls else "DONE"
-
-
-class _Worker:
-    def __init__(self, polls: int | None):
-        self.nixl_wrapper = _Nixl(polls)
-        self._recving_transfers: dict[str, list[int]] = {}
-        self.answered_after_checks: list[int] = []
-
-
-def _patched_reads(monkeypatch, wait_s: float):
-    """Both patches applied, from the environment, over stand-ins for the vLLM methods they
-    wrap (restored after the test): the worker's start/finish calls, the scheduler's step and
-    the no-forward step, which calls start_load_kv then get_transfer_results as vLLM's does."""
-    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import (
-        NixlPullConnectorWorker as W,
-    )
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.worker.kv_connector_model_runner_mixin import KVConnectorModelRunnerMixin as M
-
-    def start_load_kv(self, metadata):
-        for rid in metadata.reqs_to_recv:
-            self._recving_transfers[rid] = [1]
-
-    def get_transfer_results(self):
-        self.answered_after_checks.append(self.nixl_wrapper.checks)
-        return "results"
-
-    def no_forward(scheduler_output, vllm_config):
-        worker = scheduler_output.worker  # the connector's worker, patched methods and all
-        W.start_load_kv(worker, scheduler_output.kv_connector_metadata)
-        return W.get_transfer_results(worker)
-
-    def schedule(self):
-        return self.next_output
-
-    monkeypatch.setattr(W, "start_load_kv", start_load_kv)
-    monkeypatch.setattr(W, "get_transfer_results", get_transfer_results)
-    monkeypatch.setattr(M, "kv_connector_no_forward", staticmethod(no_forward))
-    monkeypatch.setattr(Scheduler, "schedule", schedule)
-    monkeypatch.setattr(Scheduler, "_pd_serve_reads_first", False, raising=False)
-    monkeypatch.setattr(W, "_pd_serve_read_wait", False, raising=False)
-    monkeypatch.setattr(engine_process._ReadWait, "posted", set())
-    monkeypatch.setattr(engine_process._ReadWait, "seconds", 0.0)
-    for env in (engine_process.NIXL_DELAY_ENV, engine_process.SHM_BUSY_LOOP_ENV,
-                engine_process.KV_EVENTS_BIND_ENV, engine_process.KV_WAIT_SLEEP_ENV):
-        monkeypatch.delenv(env, raising=False)
-    monkeypatch.setenv(engine_process.KV_READS_FIRST_ENV, "1")
-    monkeypatch.setenv(engine_process.KV_READ_WAIT_ENV, str(wait_s))
-    engine_process.setup_engine_process()  # as the engine processes apply it
-    return W, M, Scheduler
-
-
-def _step_output(worker, reqs_to_recv: dict):
+def _step_output(reqs_to_recv: dict):
     meta = types.SimpleNamespace(reqs_to_recv=reqs_to_recv)
     return types.SimpleNamespace(kv_connector_metadata=meta, has_sync_kv_loads=False,
-                                 worker=worker)
+                                 finished_req_ids=set())
+
+
+def _reads_first_scheduler(monkeypatch, setting: str):
+    """The plugin applied from the environment over a stand-in for ``Scheduler.schedule``
+    (restored after the test) that returns ``self.next_output``."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    monkeypatch.setattr(Scheduler, "schedule", lambda self: self.next_output)
+    monkeypatch.setattr(Scheduler, "_pd_serve_reads_first", False, raising=False)
+    monkeypatch.setenv(engine_process.KV_READS_FIRST_ENV, setting)
+    engine_process.setup_engine_process()
+    return Scheduler
 
 
 def test_steps_that_start_reads_post_them_before_the_forward_pass(monkeypatch):
     """The scheduler marks a step that starts READs as having synchronous loads, and vLLM's
-    real connector context then posts them before the forward pass it wraps."""
+    real connector context then posts them before the forward pass it wraps (and after it
+    in any other step, as vLLM does)."""
     from vllm.v1.worker import kv_connector_model_runner_mixin as mixin_module
 
-    _, mixin, scheduler = _patched_reads(monkeypatch, 0.005)
-    stub = types.SimpleNamespace(next_output=_step_output(None, {"r1": object()}))
+    scheduler = _reads_first_scheduler(monkeypatch, "1")
+    stub = types.SimpleNamespace(next_output=_step_output({"r1": object()}))
     reading = scheduler.schedule(stub)
     assert reading.has_sync_kv_loads is True
-    stub.next_output = _step_output(None, {})
+    stub.next_output = _step_output({})
     assert scheduler.schedule(stub).has_sync_kv_loads is False
 
     order: list[str] = []
@@ -328,54 +280,16 @@ def test_steps_that_start_reads_post_them_before_the_forward_pass(monkeypatch):
     monkeypatch.setattr(mixin_module, "get_kv_transfer_group", lambda: connector)
     monkeypatch.setattr(mixin_module, "KVConnectorBase", object)
     monkeypatch.setattr(mixin_module, "get_forward_context", lambda: None)
+    mixin = mixin_module.KVConnectorModelRunnerMixin
     for output, expected in ((reading, ["start_load_kv", "forward"]),
-                             (_step_output(None, {}), ["forward", "start_load_kv"])):
+                             (_step_output({}), ["forward", "start_load_kv"])):
         order.clear()
-        output.finished_req_ids = set()
         with mixin._get_kv_connector_output(output):
             order.append("forward")
         assert order == expected
 
 
-def test_a_step_with_nothing_to_compute_waits_for_its_fresh_reads(monkeypatch):
-    worker_cls, mixin, _ = _patched_reads(monkeypatch, 0.5)
-    worker = _Worker(polls=3)
-    assert mixin.kv_connector_no_forward(_step_output(worker, {"r1": object()}), None) \
-        == "results"
-    # polled until the READ was done (3 checks in progress, the 4th DONE), then vLLM's own
-    # bookkeeping ran and finds it done
-    assert worker.answered_after_checks == [4]
-
-    # a step that computes (the READs overlapped its forward pass) does not wait
-    worker = _Worker(polls=3)
-    worker_cls.start_load_kv(worker, types.SimpleNamespace(reqs_to_recv={"r2": object()}))
-    worker_cls.get_transfer_results(worker)
-    assert worker.answered_after_checks == [0]
-    # nor does a no-forward step that posted nothing
-    worker = _Worker(polls=3)
-    worker._recving_transfers["old"] = [7]
-    mixin.kv_connector_no_forward(_step_output(worker, {}), None)
-    assert worker.answered_after_checks == [0]
-
-
-def test_the_in_step_read_wait_is_bounded(monkeypatch):
-    _, mixin, _ = _patched_reads(monkeypatch, 0.05)
-    worker = _Worker(polls=None)  # never finishes
-    t0 = time.perf_counter()
-    mixin.kv_connector_no_forward(_step_output(worker, {"r1": object()}), None)
-    took = time.perf_counter() - t0
-    assert 0.05 <= took < 1.0
-    assert worker.answered_after_checks and worker.answered_after_checks[0] > 1
-
-
-def test_read_patches_untouched_without_setting(monkeypatch):
-    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import (
-        NixlPullConnectorWorker as W,
-    )
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    before = (Scheduler.schedule, W.get_transfer_results, W.start_load_kv)
-    monkeypatch.setenv(engine_process.KV_READS_FIRST_ENV, "0")
-    monkeypatch.delenv(engine_process.KV_READ_WAIT_ENV, raising=False)
-    engine_process.setup_engine_process()
-    assert (Scheduler.schedule, W.get_transfer_results, W.start_load_kv) == before
+def test_reads_keep_vllms_order_without_setting(monkeypatch):
+    scheduler = _reads_first_scheduler(monkeypatch, "0")
+    stub = types.SimpleNamespace(next_output=_step_output({"r1": object()}))
+    assert scheduler.schedule(stub).has_sync_kv_loads is False
