@@ -132,6 +132,11 @@ def scraped(cluster, traffic):
               and total(s, "ray_pd_engine_requests_finished_total", application=APP,
                         phase="decode") >= n
               and total(s, "ray_pd_fallbacks_total", application=FB) == N_FALLBACK
+              # counted when the answer is done, so possibly flushed after the fallback
+              and total(s, "ray_pd_requests_total", application=FB,
+                        route="fallback") == N_FALLBACK
+              and total(s, "ray_pd_prefill_leg_seconds_count", application=FB,
+                        outcome="timeout") == N_FALLBACK
               and total(s, "ray_vllm_time_to_first_token_seconds_count", application=APP,
                         phase="decode") >= n
               # the router is another process, flushed on its own schedule
