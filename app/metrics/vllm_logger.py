@@ -47,6 +47,18 @@ def _phase_wrapper(base: type, phase: str, extra: tuple[tuple[str, str], ...] = 
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self._tags = {**self._tags, **added}
+            self._labelled: dict[Any, Any] = {}
+
+        def labels(self, *labels: Any, **labelskwargs: Any) -> Any:
+            """One labelled child per label values, made once: vLLM relabels some metrics
+            on every engine step (a copy and the replica's id looked up each time)."""
+            key = (labels, tuple(sorted(labelskwargs.items())))
+            child = self._labelled.get(key)
+            if child is None:
+                child = base.labels(self, *labels, **labelskwargs)
+                child._labelled, child._sent = {}, _UNSENT
+                self._labelled[key] = child
+            return child
 
         def _get_tag_keys(self, labelnames: list[str] | None) -> tuple[str, ...]:
             return (*rw.RayPrometheusMetric._get_tag_keys(labelnames), *added_keys)
@@ -63,7 +75,13 @@ def _phase_wrapper(base: type, phase: str, extra: tuple[tuple[str, str], ...] = 
 
     if issubclass(base, rw.RayGaugeWrapper):
         def set(self, value: float):  # noqa: A001 - vLLM's wrapper API
+            """Sent to Ray only when it changes: vLLM sets every scheduler gauge on every
+            engine step, mostly to the same value, and each set is a Ray metric record on
+            the front's event loop. ``refresh_gauges`` re-sends them all every second."""
             _LIVE_GAUGES[id(self)] = (self, value)
+            if value == getattr(self, "_sent", _UNSENT):
+                return None
+            self._sent = value
             return base.set(self, value)
 
         PhaseWrapper.set = set
@@ -71,6 +89,7 @@ def _phase_wrapper(base: type, phase: str, extra: tuple[tuple[str, str], ...] = 
     return PhaseWrapper
 
 
+_UNSENT = object()
 # id -> (labelled vLLM gauge, last value): a fixed set (one per gauge and label values).
 _LIVE_GAUGES: dict[int, tuple[Any, float]] = {}
 

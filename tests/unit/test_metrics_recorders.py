@@ -305,6 +305,43 @@ def test_vllm_gauges_remember_their_last_value():
     vllm_logger.refresh_gauges()
 
 
+def test_vllm_gauges_reach_ray_only_when_they_change_and_labels_are_made_once():
+    """vLLM sets each scheduler gauge and relabels some counters on every engine step; the
+    front sends Ray a gauge only when its value changes (the second's refresh re-sends it)
+    and makes each labelled child once."""
+    from vllm.v1.metrics import ray_wrappers as rw
+
+    from app.metrics import vllm_logger
+
+    parent = vllm_logger._phase_wrapper(rw.RayGaugeWrapper, "decode")(
+        "vllm:num_requests_running", "doc", ["model_name", "engine"])
+    gauge = parent.labels("tiny", "0")
+    assert parent.labels("tiny", "0") is gauge
+    assert parent.labels(model_name="tiny", engine="0") is not gauge  # other call shape
+    other = parent.labels("tiny", "1")
+    assert other is not gauge and other._tags["engine"] == "1"
+    gauge.metric = other.metric = FakeMetric()
+    for value in (2, 2, 2, 3, 3, 2):
+        gauge.set(value)
+    other.set(2)  # another series: its own last value
+    tags = gauge._tags
+    assert gauge.metric.calls == [("set", 2, tags), ("set", 3, tags), ("set", 2, tags),
+                                  ("set", 2, other._tags)]
+    assert vllm_logger._LIVE_GAUGES[id(gauge)] == (gauge, 2)
+    gauge.metric.calls.clear()
+    vllm_logger.refresh_gauges()  # every gauge re-sent, changed or not
+    assert ("set", 2, tags) in gauge.metric.calls and ("set", 2, other._tags) in gauge.metric.calls
+
+    counter = vllm_logger._phase_wrapper(rw.RayCounterWrapper, "decode")(
+        "vllm:prompt_tokens_cached_by_source", "doc", ["model_name", "engine", "source"])
+    child = counter.labels("tiny", "0", "device")
+    assert counter.labels("tiny", "0", "device") is child
+    child.metric = FakeMetric()
+    child.inc(3)
+    counter.labels("tiny", "0", "device").inc(4)  # counters are never skipped
+    assert child.metric.calls == [("inc", 3, child._tags), ("inc", 4, child._tags)]
+
+
 def test_front_observer_calls_defer_to_the_loop_and_answered_async():
     m = FrontMetrics("decode")
     fake = {k: FakeMetric() for k in m.m}
