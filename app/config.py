@@ -368,24 +368,24 @@ class AppConfig(_Strict):
         """Whether the KV moves by push with early decode admission (app/handoff/push.py)."""
         return self.mode != "aggregated" and self.handoff.transfer == "push"
 
+    def reads_kv(self, role: str) -> bool:
+        """Whether an engine of ``role`` READs its KV from a peer: a decode engine under pull.
+        It initiates every transfer it takes part in and never answers a peer's."""
+        return role == "decode" and not self.push_transfer
+
     def nixl_progress_delay_us(self, role: str) -> int:
-        """NIXL's progress-thread sleep for an engine of ``role``: only a pull decode engine
-        never answers a peer (it is the READ's initiator)."""
-        if role == "decode" and not self.push_transfer:
+        """NIXL's progress-thread sleep for an engine of ``role``: a reader's can be long."""
+        if self.reads_kv(role):
             return self.nixl.reader_progress_delay_us
         return self.nixl.progress_delay_us
 
     def kv_wait_sleep_s(self, role: str) -> float | None:
         """The engine core's idle-step sleep for an engine of ``role`` (None: vLLM's)."""
-        if role == "decode" and not self.push_transfer:
-            return self.engine_process.kv_wait_sleep_s
-        return None
+        return self.engine_process.kv_wait_sleep_s if self.reads_kv(role) else None
 
     def reads_before_forward(self, role: str) -> bool:
-        """Whether an engine of ``role`` posts a step's KV READs before its forward pass: only
-        a pull decode engine READs."""
-        return (role == "decode" and not self.push_transfer
-                and self.engine_process.kv_reads_before_forward)
+        """Whether an engine of ``role`` posts a step's KV READs before its forward pass."""
+        return self.reads_kv(role) and self.engine_process.kv_reads_before_forward
 
     @property
     def uses_prefill_plane(self) -> bool:
