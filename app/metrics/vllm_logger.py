@@ -48,6 +48,7 @@ def _phase_wrapper(base: type, phase: str, extra: tuple[tuple[str, str], ...] = 
             super().__init__(*args, **kwargs)
             self._tags = {**self._tags, **added}
             self._labelled: dict[Any, Any] = {}
+            self._sent: Any = _UNSENT  # a gauge's last value sent to Ray
 
         def labels(self, *labels: Any, **labelskwargs: Any) -> Any:
             """One labelled child per label values, made once: vLLM relabels some metrics
@@ -78,10 +79,10 @@ def _phase_wrapper(base: type, phase: str, extra: tuple[tuple[str, str], ...] = 
             """Sent to Ray only when it changes: vLLM sets every scheduler gauge on every
             engine step, mostly to the same value, and each set is a Ray metric record on
             the front's event loop. ``refresh_gauges`` re-sends them all every second."""
-            _LIVE_GAUGES[id(self)] = (self, value)
-            if value == getattr(self, "_sent", _UNSENT):
+            if value == self._sent:
                 return None
             self._sent = value
+            _LIVE_GAUGES[id(self)] = (self, value)
             return base.set(self, value)
 
         PhaseWrapper.set = set
