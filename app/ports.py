@@ -20,8 +20,9 @@ _handed_out: set[int] = set()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now (the OS picks it from the ephemeral range; a race with
-    another process, or an outgoing connection, is possible before it is bound)."""
+    """A port nothing listens on now, from the OS's ephemeral range: any outgoing connection
+    may take it before it is bound, so a listener bound later (a server, HAProxy, Ray's
+    metrics agent) gets ``listen_port`` instead."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import shlex
 
-from app.ports import free_port
+from app.ports import listen_port
 
 FAST_INGRESS_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -60,8 +60,8 @@ def serve_env(local: bool = False, isolated: bool = False,
     if local:
         env.update(LOCAL_ENV)
     if isolated:
-        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port(host))
-        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port(host))
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(listen_port(host))
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(listen_port(host))
     return env
 
 

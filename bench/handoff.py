@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from app.config import READER_PROGRESS_DELAY_US  # noqa: E402
 from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S  # noqa: E402
 from app.handoff.timeline import DETAIL_STAGES, STAGES, median_stages  # noqa: E402
-from app.ports import free_port  # noqa: E402
+from app.ports import listen_port  # noqa: E402
 from loadtests.envinfo import hardware, hardware_line  # noqa: E402
 from loadtests.mdsection import update_file  # noqa: E402
 from loadtests.servers import apply_overrides, running_app  # noqa: E402
@@ -204,7 +204,7 @@ def with_push(args):
 def run_point(args, name: str, model: str, first_token: bool, kv_dtype: str, work: Path,
               jobs: list[tuple[str, list[list[int]], int]], accuracy: list[list[int]] | None
               ) -> tuple[dict[str, Point], list | None]:
-    port = free_port()
+    port = listen_port()
     config = app_config(args, model, port, first_token, kv_dtype)
     points: dict[str, Point] = {}
     logprobs = None

@@ -37,7 +37,7 @@ os.environ.update(serve_env(local=True))
 
 from app.metrics.math import quantile_from_buckets  # noqa: E402
 from app.metrics.scrape import buckets, by_label, parse_prometheus, total  # noqa: E402
-from app.ports import free_port  # noqa: E402
+from app.ports import listen_port  # noqa: E402
 from tests.integration.serve_harness import (  # noqa: E402
     MODEL_NAME,
     app_config,
@@ -356,7 +356,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--overhead", action="store_true")
     args = ap.parse_args()
-    metrics_port = free_port()
+    metrics_port = listen_port()
     port = start_serve(num_cpus=4, metrics_export_port=metrics_port,
                        env={"RAY_metrics_report_interval_ms": "2000"})
     try:

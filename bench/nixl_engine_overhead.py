@@ -39,7 +39,7 @@ from serving_overhead import (  # noqa: E402
 )
 
 from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S  # noqa: E402
-from app.ports import free_port  # noqa: E402
+from app.ports import listen_port  # noqa: E402
 from loadtests.servers import start_logged, stop_process_group, wait_ready  # noqa: E402
 
 NIXL = {"kv_connector": "NixlConnector", "kv_buffer_device": "cpu", "kv_role": "kv_both"}
@@ -76,9 +76,9 @@ def start(spec: str, core: int, args, workdir: Path):
     kind, _, delay = spec.partition(":")
     if kind not in ("plain", "nixl") or (kind == "nixl" and not delay.isdigit()):
         raise SystemExit(f"bad server {spec!r}: plain or nixl:<delay µs>")
-    port = free_port()
+    port = listen_port()
     env = {**server_env(int(delay) if delay else None, SMALL_HOST_SHM_BUSY_LOOP_S),
-           "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+           "VLLM_NIXL_SIDE_CHANNEL_PORT": str(listen_port()),
            "VLLM_CPU_OMP_THREADS_BIND": str(core)}
     log = workdir / f"{spec.replace(':', '-')}-core{core}.log"
     cmd = vllm_server_command(args, port, core, NIXL if kind == "nixl" else None)

@@ -63,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 from app.config import READER_PROGRESS_DELAY_US  # noqa: E402
 from app.cpu_pinning import describe_affinity, engine_pids, pin_process_tree  # noqa: E402
 from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S  # noqa: E402
-from app.ports import free_port  # noqa: E402
+from app.ports import listen_port  # noqa: E402
 from loadtests.envinfo import hardware, hardware_line  # noqa: E402
 from loadtests.mdsection import update_file  # noqa: E402
 from loadtests.metrics import percentile  # noqa: E402
@@ -271,7 +271,7 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
     procs, urls = [], {}
     to_pin: list[tuple[int, int]] = []  # plain servers: (pid, core), pinned once ready
     if setup in APP_SETUPS:
-        port = free_port()
+        port = listen_port()
         mode = "aggregated" if setup.startswith("aggregated") else "disaggregated"
         spin = setup.endswith("spin")  # NIXL's own 0 µs on every engine
         delay, reader_delay = (0, 0) if spin else (args.nixl_delay_us, args.reader_delay_us)
@@ -288,7 +288,7 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
         procs.append((proc, port, workdir / f"{setup}.log"))
         urls["main"] = f"http://{HOST}:{port}"
     elif setup == "plain":
-        port = free_port()
+        port = listen_port()
         proc = start_logged(vllm_server_command(args, port, 0, None), workdir / "plain.log",
                             ROOT, {**env, "VLLM_CPU_OMP_THREADS_BIND": "0"})
         procs.append((proc, port, workdir / "plain.log"))
@@ -297,7 +297,7 @@ def start_setup(setup: str, args, workdir: Path) -> tuple[list, dict[str, str]]:
     else:
         push = setup == "plain-pd-push"
         for role, core in (("prefill", 0), ("decode", 1)):
-            port, nixl_port = free_port(), free_port()
+            port, nixl_port = listen_port(), listen_port()
             kv = {"kv_connector": "NixlPushConnector" if push else "NixlConnector",
                   "kv_buffer_device": "cpu",
                   "kv_role": "kv_producer" if role == "prefill" else "kv_consumer"}

@@ -63,7 +63,7 @@ import yaml
 from rich.console import Console
 
 from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S
-from app.ports import free_port
+from app.ports import listen_port
 from loadtests.arrivals import trace_offsets
 from loadtests.client import CompletionsClient
 from loadtests.envinfo import hardware, hardware_line
@@ -693,7 +693,7 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Sequence[TraceRe
                meta: dict[str, Any], console: Console) -> dict[str, Any]:
     out = args.out / policy
     out.mkdir(parents=True, exist_ok=True)
-    port = args.port or free_port(args.host)
+    port = args.port or listen_port(args.host)
     if not port_free(args.host, port):
         raise RuntimeError(f"{args.host}:{port} is in use")
     config_path = out / "serve_config.yaml"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S
-from app.ports import free_port
+from app.ports import listen_port
 from app.serve_env import serve_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +68,12 @@ def start_serve(num_cpus: int = 4, env: dict[str, str] | None = None,
     for key, value in (env or {}).items():
         _saved_env.setdefault(key, os.environ.get(key))
         os.environ[key] = value
+    if ray.is_initialized():
+        # A module whose set-up failed half-way must not fail every module after it with
+        # "ray.init twice": its own error is reported; this one starts clean.
+        warnings.warn("a Ray cluster of an earlier test module was still connected: "
+                      "shut it down before starting this module's", stacklevel=2)
+        stop_serve()
     ray.init(
         num_cpus=num_cpus,
         _node_ip_address="127.0.0.1",
@@ -75,8 +82,12 @@ def start_serve(num_cpus: int = 4, env: dict[str, str] | None = None,
         configure_logging=False,
         **({"_metrics_export_port": metrics_export_port} if metrics_export_port else {}),
     )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        port = listen_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    except BaseException:
+        stop_serve()  # the caller's try/finally has not begun: nothing else would stop it
+        raise
     return port
 
 

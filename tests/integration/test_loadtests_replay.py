@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.ports import free_port
+from app.ports import listen_port
 from loadtests.prompts import TokenSpace
 from loadtests.servers import start_logged, stop_process_group, wait_ready
 from loadtests.spec import parse_workload
@@ -41,7 +41,7 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A plain vLLM-CPU OpenAI server on a free loopback port, stopped afterwards."""
     assert (MODEL / "config.json").is_file(), (
         f"{MODEL} missing: run `make model` (make test builds it)")
-    port = free_port()
+    port = listen_port()
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",

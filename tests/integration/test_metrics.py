@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from app.metrics.scrape import buckets, by_label, parse_prometheus, total
-from app.ports import free_port
+from app.ports import listen_port
 from tests.integration.serve_harness import (
     MODEL_NAME,
     app_config,
@@ -45,7 +45,7 @@ def words(seed: int, n: int) -> str:
 
 @pytest.fixture(scope="module")
 def cluster():
-    metrics_port = free_port()
+    metrics_port = listen_port()
     port = start_serve(num_cpus=6, metrics_export_port=metrics_port)
     try:
         routing = {"policy": "kv", "prefill_timeout_s": 30, "advertise_host": "127.0.0.1"}

@@ -15,7 +15,7 @@ import os
 import httpx
 import pytest
 
-from app.ports import free_port
+from app.ports import listen_port
 from app.serve_env import serve_env
 from tests.integration.actors import alive_replicas
 from tests.integration.serve_harness import (
@@ -56,7 +56,7 @@ def cluster():
             mp.setattr("ray._private.services.resolve_ip_for_localhost", lambda host: host)
             ray.init(address=c.address, _node_ip_address="127.0.0.1", log_to_driver=False,
                      configure_logging=False)
-        port = free_port()
+        port = listen_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         deploy(app_config(
             "disaggregated",

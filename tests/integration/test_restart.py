@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from app.port_guard import listeners, orphaned_ray_workers
-from app.ports import free_port
+from app.ports import listen_port
 from app.serve_env import serve_env
 from tests.integration.serve_harness import ROOT, app_config, wait_until
 
@@ -94,7 +94,7 @@ def _stop(proc: subprocess.Popen | None, cfg: Path | None = None,
 
 
 def test_make_run_start_path_recovers_from_sigkill(tmp_path):
-    port, stats, metrics = free_port(), free_port(), free_port()
+    port, stats, metrics = listen_port(), listen_port(), listen_port()
     app = app_config("aggregated")
     app["aggregated"] = {"ray_actor_options": {"num_cpus": 1}}  # unpinned
     cfg = tmp_path / "serve.yaml"

@@ -41,3 +41,16 @@ def test_without_command_prints_shell_quoted_assignments():
                          text=True, check=True, timeout=60,
                          env={**os.environ, RETRY_ON_ENV: REPLAY_RETRY_ON})
     assert f"{RETRY_ON_ENV}='conn-failure empty-response'" in out.stdout.splitlines()
+
+
+def test_isolated_haproxy_ports_are_distinct_and_outside_the_ephemeral_range():
+    """HAProxy binds them only once Serve starts, after Ray's processes have opened many
+    outgoing connections: an ephemeral pick can be taken by one of those meanwhile, and then
+    Serve fails to start (the suspected start of a CI run in which every later module
+    errored)."""
+    from app.ports import LISTEN_RANGE
+
+    env = serve_env(local=True, isolated=True)
+    ports = [int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])]
+    assert ports[0] != ports[1]
+    assert all(LISTEN_RANGE[0] <= p < LISTEN_RANGE[1] for p in ports), ports
