@@ -62,6 +62,9 @@ READER_PROGRESS_DELAY_US = 20_000
 # A pull decode engine's sleep between idle engine steps while its requests wait for their KV
 # (EngineProcessConfig.kv_wait_sleep_s; vLLM's is 1 ms).
 KV_WAIT_SLEEP_S = 0.0001
+# How often a push decode engine's writer thread drains NIXL notifications while pushed KV is
+# awaited (EngineProcessConfig.push_notif_poll_s; vLLM drains only when an engine step wakes it).
+PUSH_NOTIF_POLL_S = 0.0005
 
 
 class NixlConfig(_Strict):
@@ -122,6 +125,17 @@ class EngineProcessConfig(_Strict):
         "(vLLM posts them after launching it, which on a CPU means after the whole forward: "
         "the READ was then collected a step later and the request ran two steps after its "
         "admission). Off = vLLM's order, which suits GPUs (the GPU configs set it).",
+    )
+    push_notif_poll_s: float | None = Field(
+        PUSH_NOTIF_POLL_S,
+        gt=0,
+        le=0.01,
+        description="How often a decode engine under push transfers drains NIXL "
+        "notifications while it awaits pushed KV. vLLM's push writer thread drains them only "
+        "when an engine step wakes it, and the scheduler takes a 'KV written' notification "
+        "at the step after, so a pushed request waited one engine step more than needed "
+        "(an idle loop's 1-2 ms on a CPU, a whole decode step under load; docs/HANDOFF.md). "
+        "Only decode engines under push get it. None = vLLM's.",
     )
 
 
@@ -382,6 +396,13 @@ class AppConfig(_Strict):
     def kv_wait_sleep_s(self, role: str) -> float | None:
         """The engine core's idle-step sleep for an engine of ``role`` (None: vLLM's)."""
         return self.engine_process.kv_wait_sleep_s if self.reads_kv(role) else None
+
+    def push_notif_poll_s(self, role: str) -> float | None:
+        """How often an engine of ``role`` drains NIXL notifications while awaiting pushed KV
+        (None: vLLM's, only when a step wakes its writer): a decode engine under push."""
+        if role == "decode" and self.push_transfer:
+            return self.engine_process.push_notif_poll_s
+        return None
 
     def reads_before_forward(self, role: str) -> bool:
         """Whether an engine of ``role`` posts a step's KV READs before its forward pass."""

@@ -28,6 +28,7 @@ from app.engine_process import (
     KV_READS_FIRST_ENV,
     KV_WAIT_SLEEP_ENV,
     NIXL_DELAY_ENV,
+    PUSH_NOTIF_POLL_ENV,
     SHM_BUSY_LOOP_ENV,
     setup_engine_process,
 )
@@ -127,6 +128,7 @@ class EngineServer:
             env[SHM_BUSY_LOOP_ENV] = str(cfg.engine_process.shm_busy_loop_s)
         _set_env(env, KV_WAIT_SLEEP_ENV, cfg.kv_wait_sleep_s(self.role))
         env[KV_READS_FIRST_ENV] = "1" if cfg.reads_before_forward(self.role) else "0"
+        _set_env(env, PUSH_NOTIF_POLL_ENV, cfg.push_notif_poll_s(self.role))
         if cfg.nixl.side_channel_host:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = cfg.nixl.side_channel_host
             env.setdefault("VLLM_HOST_IP", cfg.nixl.side_channel_host)

@@ -18,6 +18,10 @@ never import our code otherwise. The fixes are measured in DESIGN.md and docs/HA
 * On a pull decode engine, vLLM posts a step's KV READs after its forward pass, which on a CPU
   is after the whole forward: ``PD_KV_READS_BEFORE_FORWARD=1`` posts them before it, so they
   finish during it (:func:`patch_reads_before_forward`).
+* On a push decode engine, vLLM's push writer thread reads NIXL notifications (the "KV
+  written" one included) only when an engine step wakes it, and the step after that one
+  takes the request: ``PD_PUSH_NOTIF_POLL_S`` wakes it on its own while pushed KV is
+  awaited, so the next step takes it (:func:`patch_push_notif_poll`).
 * vLLM's KV-event publisher *binds* only wildcard endpoints (``tcp://*:port``, every
   interface) and *connects* to any other. ``PD_KV_EVENTS_BIND_HOST=1`` makes it bind a
   host-specific endpoint too, so the socket listens on the cluster-internal address only
@@ -30,6 +34,7 @@ import ctypes
 import logging
 import os
 import sys
+import threading
 import time
 import types
 
@@ -48,6 +53,7 @@ KV_WAIT_SLEEP_ENV = "PD_KV_WAIT_SLEEP_S"
 # while the scheduler still has requests (waiting for remote KV, or delayed frees).
 VLLM_KV_WAIT_SLEEP_S = 0.001
 KV_READS_FIRST_ENV = "PD_KV_READS_BEFORE_FORWARD"
+PUSH_NOTIF_POLL_ENV = "PD_PUSH_NOTIF_POLL_S"
 _SYS_ARCH_PRCTL = 158
 _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
@@ -193,6 +199,80 @@ def patch_reads_before_forward() -> bool:
     return True
 
 
+class PushNotifPoller:
+    """Wakes a waiting thread every ``interval_s`` while ``awaited()`` names requests.
+
+    vLLM's push writer thread parks until an engine step wakes it; the "KV written"
+    notification it then drains is taken by the scheduler only at the step after. Waking it
+    meanwhile moves that to the next step: one step less on every pushed request's path (an
+    idle loop's 1-2 ms on a CPU, a whole decode step under load). ``kick()`` starts the
+    thread when needed; it ends by itself once nothing is awaited, at ``stopped()``, or after
+    ``give_up_s`` of waiting (a WRITE that never comes: its prefill engine died), and then
+    starts again only for a request it has not given up on.
+    """
+
+    def __init__(self, interval_s: float, awaited, wake, stopped=lambda: False,
+                 give_up_s: float = 120.0):
+        self.interval_s, self.give_up_s = interval_s, give_up_s
+        self.awaited, self.wake, self.stopped = awaited, wake, stopped
+        self._given_up: frozenset = frozenset()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def kick(self) -> None:
+        keys = set(self.awaited())
+        if not keys or keys <= self._given_up:
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="pd-push-notif-poll",
+                                                daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.give_up_s
+        while not self.stopped():
+            keys = frozenset(self.awaited())
+            if not keys:
+                return
+            if time.monotonic() > deadline:
+                self._given_up = keys
+                return
+            time.sleep(self.interval_s)
+            self.wake()
+
+
+def patch_push_notif_poll(interval_s: float) -> bool:
+    """Make a push decode engine's writer thread drain NIXL notifications every
+    ``interval_s`` while the engine awaits pushed KV (see :class:`PushNotifPoller`)."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import (
+            NixlPushConnectorWorker,
+        )
+    except Exception:  # noqa: BLE001 - not a vLLM process, or a vLLM without push
+        return False
+    cls = NixlPushConnectorWorker
+    if getattr(cls, "_pd_serve_notif_poll_s", None) is not None:
+        cls._pd_serve_notif_poll_s = interval_s
+        return True
+    start_load_kv = cls.start_load_kv
+
+    def start_load_kv_polled(self, metadata):
+        start_load_kv(self, metadata)
+        poller = self.__dict__.get("_pd_serve_notif_poller")
+        if poller is None:
+            poller = self._pd_serve_notif_poller = PushNotifPoller(
+                # a snapshot of the keys (tuple() of a dict runs without releasing the GIL)
+                cls._pd_serve_notif_poll_s, lambda: tuple(self._recving_metadata),
+                self._push_writer_wake.set, self._push_writer_stop.is_set)
+        poller.interval_s = cls._pd_serve_notif_poll_s
+        poller.kick()
+
+    cls.start_load_kv = start_load_kv_polled
+    cls._pd_serve_notif_poll_s = interval_s
+    return True
+
+
 def patch_kv_events_bind() -> bool:
     """Make vLLM's ZMQ KV-event publisher bind ``tcp://<host>:<port>`` instead of connecting.
 
@@ -227,3 +307,6 @@ def setup_engine_process() -> None:
         patch_kv_wait_sleep(float(kv_wait))
     if os.environ.get(KV_READS_FIRST_ENV) == "1":
         patch_reads_before_forward()
+    notif_poll = os.environ.get(PUSH_NOTIF_POLL_ENV)
+    if notif_poll:
+        patch_push_notif_poll(float(notif_poll))

@@ -1,9 +1,11 @@
-"""NIXL READ bandwidth and latency between two processes: the KV hand-off's transport alone.
+"""NIXL READ (or WRITE) bandwidth and latency between two processes: the KV hand-off's transport
+alone.
 
 A *target* process registers a buffer (host DRAM or a GPU) with a NIXL agent (UCX backend, as
 vLLM's NixlConnector uses); an *initiator* registers its own buffer and READs the target's,
-the way a decode engine pulls a prefill engine's KV blocks. Reported per transfer size: GB/s
-(10^9 bytes/s) and per-transfer latency p50/p99. Transfers are split into descriptors of
+the way a decode engine pulls a prefill engine's KV blocks (``--op WRITE``: the initiator
+writes into the target's buffer, the way a prefill engine pushes them). Reported per transfer
+size: GB/s (10^9 bytes/s) and per-transfer latency p50/p99. Transfers are split into descriptors of
 ``--chunk-kib`` (vLLM reads one descriptor per layer and block: 32 KiB for Llama-3.1-8B K or V
 at 16-token blocks), so the many-small-descriptor case is what is measured.
 
@@ -72,14 +74,19 @@ def run_target(args, conn) -> None:
     agent.register_memory(buf)
     conn.send({"metadata": agent.get_agent_metadata(), "addr": buf.data_ptr(),
                "gpu": args.target_gpu})
+    if args.op == "WRITE":
+        buf.zero_()  # the initiator's bytes (7) must arrive here
     conn.recv()  # the initiator is done; keep the memory and the agent alive until then
+    if args.op == "WRITE":
+        conn.send(int(buf[int(max(args.sizes) * MIB) - 1].item()) == 7)
 
 
 def run_initiator(args, conn) -> list[dict]:
     import torch
 
     buf = _buffer(args, args.initiator_gpu)
-    buf.zero_()
+    if args.op == "READ":
+        buf.zero_()
     agent = _agent("nixl-bench-initiator", args.progress_delay_us)
     agent.register_memory(buf)
     info = conn.recv()
@@ -93,7 +100,7 @@ def run_initiator(args, conn) -> list[dict]:
             _descs(buf.data_ptr(), nbytes, chunk, args.device, args.initiator_gpu), mem)
         remote_descs = agent.get_xfer_descs(
             _descs(info["addr"], nbytes, chunk, args.device, info["gpu"]), mem)
-        handle = agent.initialize_xfer("READ", local, remote_descs, remote)
+        handle = agent.initialize_xfer(args.op, local, remote_descs, remote)
         times = []
         for i in range(args.warmup + args.iters):
             t0 = time.perf_counter()
@@ -107,15 +114,19 @@ def run_initiator(args, conn) -> list[dict]:
         agent.release_xfer_handle(handle)
         if args.device == "cuda":
             torch.cuda.synchronize(args.initiator_gpu)
-        assert int(buf[nbytes - 1].item()) == 7, "READ did not bring the target's bytes"
+        if args.op == "READ":
+            assert int(buf[nbytes - 1].item()) == 7, "READ did not bring the target's bytes"
         times.sort()
         p50 = statistics.median(times)
         results.append({
             "mib": mib, "descriptors": -(-nbytes // chunk), "gbps": nbytes / p50 / 1e9,
             "p50_us": p50 * 1e6, "p99_us": times[min(len(times) - 1,
                                                      int(0.99 * len(times)))] * 1e6})
-        buf.zero_()
+        if args.op == "READ":
+            buf.zero_()
     conn.send("done")
+    if args.op == "WRITE" and not conn.recv():
+        raise RuntimeError("WRITE did not bring the initiator's bytes to the target")
     return results
 
 
@@ -130,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--listen", default="127.0.0.1:0", help="target: where to wait")
     p.add_argument("--connect", help="initiator: the target's host:port")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--op", choices=("READ", "WRITE"), default="READ",
+                   help="READ: pull (vLLM's NixlConnector); WRITE: push (NixlPushConnector)")
     p.add_argument("--target-gpu", type=int, default=0)
     p.add_argument("--initiator-gpu", type=int, default=1)
     p.add_argument("--sizes", type=float, nargs="+", default=[0.25, 1, 16, 64, 256],
@@ -166,12 +179,13 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {k: v for k, v in os.environ.items() if k.startswith("UCX_")}
     if not args.json:
-        print(f"NIXL READ {args.device}, {args.chunk_kib} KiB descriptors, "
+        print(f"NIXL {args.op} {args.device}, {args.chunk_kib} KiB descriptors, "
               f"{args.iters} iterations; UCX env: {env or 'defaults'}")
         print(f"{'MiB':>8} {'descs':>6} {'GB/s':>8} {'p50 us':>10} {'p99 us':>10}")
     for r in results:
         if args.json:
-            print(json.dumps({**r, "device": args.device, "chunk_kib": args.chunk_kib,
+            print(json.dumps({**r, "op": args.op, "device": args.device,
+                              "chunk_kib": args.chunk_kib,
                               "ucx_env": env}))
         else:
             print(f"{r['mib']:>8g} {r['descriptors']:>6} {r['gbps']:>8.2f} "

@@ -166,3 +166,18 @@ def test_a_client_gone_during_a_push_leaves_no_blocks_held(urls):
                what="decode and prefill to free the abandoned push's blocks")
     route, events = _stream(urls["push"], "/v1/completions", _body(51, 60, 4))
     assert route == "disaggregated" and len(_tokens(events)) == 4
+
+
+def test_only_the_decode_engine_polls_for_push_notifications(urls):
+    """The engine-process plugin reads ``engine_process.push_notif_poll_s`` from the
+    environment the engines inherit: decode (the WRITE's target, told by a notification)
+    gets it, prefill does not."""
+    import psutil
+
+    from app.engine_process import PUSH_NOTIF_POLL_ENV
+
+    for deployment, expected in (("DecodeServer", {"0.0005"}), ("PrefillServer", {None})):
+        pids = engine_stats("push", deployment)["affinity"]
+        assert pids, f"{deployment} reported no engine processes"
+        values = {psutil.Process(int(pid)).environ().get(PUSH_NOTIF_POLL_ENV) for pid in pids}
+        assert values == expected, (deployment, values)

@@ -121,6 +121,25 @@ def test_only_a_pull_decode_engine_posts_reads_before_the_forward_pass():
     assert gpu.reads_before_forward("decode") is False
 
 
+def test_only_a_push_decode_engine_polls_for_notifications():
+    """Under push the decode engine learns its KV arrived from a NIXL notification; under
+    pull it polls its own READs, and prefill's notifications are off the request's path."""
+    base = {"model": {"path": "/m", "served_model_name": "m"},
+            "handoff": {"transfer": "push"}}
+    push = AppConfig.model_validate(base)
+    assert push.push_notif_poll_s("decode") == 0.0005
+    assert push.push_notif_poll_s("prefill") is None
+    pull = AppConfig.model_validate({**base, "handoff": {"transfer": "pull"}})
+    assert pull.push_notif_poll_s("decode") is None
+    agg = AppConfig.model_validate({**base, "mode": "aggregated"})
+    assert agg.push_notif_poll_s("aggregated") is None
+    vllms = AppConfig.model_validate({**base, "engine_process": {"push_notif_poll_s": None}})
+    assert vllms.push_notif_poll_s("decode") is None
+    for bad in (0, 0.02):
+        with pytest.raises(ValidationError, match="push_notif_poll_s"):
+            AppConfig.model_validate({**base, "engine_process": {"push_notif_poll_s": bad}})
+
+
 def test_unknown_keys_are_rejected():
     with pytest.raises(ValidationError, match="prefil"):
         AppConfig.model_validate({"model": {"path": "m", "served_model_name": "m"}, "prefil": {}})

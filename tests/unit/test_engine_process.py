@@ -293,3 +293,100 @@ def test_reads_keep_vllms_order_without_setting(monkeypatch):
     scheduler = _reads_first_scheduler(monkeypatch, "0")
     stub = types.SimpleNamespace(next_output=_step_output({"r1": object()}))
     assert scheduler.schedule(stub).has_sync_kv_loads is False
+
+
+# --- a push decode engine drains NIXL notifications while it awaits pushed KV ---------------
+
+
+def _wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_push_notif_poller_wakes_only_while_requests_are_awaited():
+    import threading
+
+    awaited: dict[str, int] = {}
+    wakes = threading.Semaphore(0)
+    poller = engine_process.PushNotifPoller(0.001, lambda: tuple(awaited), wakes.release)
+    poller.kick()  # nothing awaited: no thread
+    assert poller._thread is None
+    awaited["r1"] = 1
+    poller.kick()
+    assert all(wakes.acquire(timeout=2) for _ in range(5)), "no wake-ups while awaited"
+    thread = poller._thread
+    poller.kick()  # already polling: the same thread
+    assert poller._thread is thread
+    awaited.clear()
+    thread.join(timeout=2)
+    assert not thread.is_alive(), "still polling with nothing awaited"
+
+
+def test_push_notif_poller_stops_at_stop_and_gives_up_on_a_write_that_never_comes():
+    stop = []
+    poller = engine_process.PushNotifPoller(0.001, lambda: ("r1",), lambda: None,
+                                            stopped=lambda: bool(stop))
+    poller.kick()
+    stop.append(True)
+    poller._thread.join(timeout=2)
+    assert not poller._thread.is_alive()
+
+    awaited = {"stuck": 1}
+    poller = engine_process.PushNotifPoller(0.001, lambda: tuple(awaited), lambda: None,
+                                            give_up_s=0.05)
+    poller.kick()
+    first = poller._thread
+    first.join(timeout=2)
+    assert not first.is_alive(), "kept polling past give_up_s"
+    poller.kick()  # the same stuck request: not again (every engine step kicks)
+    assert poller._thread is first
+    awaited["new"] = 1
+    poller.kick()  # a request it has not given up on: polls again
+    assert poller._thread is not first and poller._thread.is_alive()
+    awaited.clear()
+    poller._thread.join(timeout=2)
+
+
+def test_push_decode_worker_drains_notifications_between_steps(monkeypatch):
+    """The plugin, applied from the environment, over vLLM's real push worker class with a
+    stand-in ``start_load_kv`` (restored after the test): each step's call still runs
+    vLLM's, and while the worker awaits pushed KV its writer is woken without further steps;
+    applying it again updates the interval, never wraps twice."""
+    import threading
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import (
+        NixlPushConnectorWorker,
+    )
+
+    steps = []
+    monkeypatch.setattr(NixlPushConnectorWorker, "start_load_kv",
+                        lambda self, metadata: steps.append(metadata))
+    monkeypatch.setattr(NixlPushConnectorWorker, "_pd_serve_notif_poll_s", None, raising=False)
+    monkeypatch.setenv(engine_process.PUSH_NOTIF_POLL_ENV, "0.001")
+    engine_process.setup_engine_process()
+    wrapped = NixlPushConnectorWorker.start_load_kv
+
+    worker = NixlPushConnectorWorker.__new__(NixlPushConnectorWorker)
+    worker._recving_metadata = {}
+    worker._push_writer_wake = threading.Event()
+    worker._push_writer_stop = threading.Event()
+    worker.start_load_kv("step-1")  # nothing awaited: no polling
+    assert steps == ["step-1"] and not worker._push_writer_wake.wait(0.05)
+    worker._recving_metadata["req"] = object()
+    worker.start_load_kv("step-2")
+    assert steps == ["step-1", "step-2"]
+    for _ in range(3):  # woken again and again with no further step
+        assert worker._push_writer_wake.wait(2), "writer not woken while KV is awaited"
+        worker._push_writer_wake.clear()
+    worker._recving_metadata.clear()
+    poller = worker._pd_serve_notif_poller
+    assert _wait_for(lambda: not poller._thread.is_alive())
+
+    engine_process.patch_push_notif_poll(0.002)
+    assert NixlPushConnectorWorker.start_load_kv is wrapped
+    assert NixlPushConnectorWorker._pd_serve_notif_poll_s == 0.002
+    worker._push_writer_stop.set()
