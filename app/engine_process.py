@@ -208,7 +208,8 @@ class PushNotifPoller:
     idle loop's 1-2 ms on a CPU, a whole decode step under load). ``kick()`` starts the
     thread when needed; it ends by itself once nothing is awaited, at ``stopped()``, or after
     ``give_up_s`` of waiting (a WRITE that never comes: its prefill engine died), and then
-    starts again only for a request it has not given up on.
+    starts again only for a request it has not given up on. ``kick()`` runs on one thread
+    (the engine's, every step): a live poller costs it one check.
     """
 
     def __init__(self, interval_s: float, awaited, wake, stopped=lambda: False,
@@ -217,26 +218,24 @@ class PushNotifPoller:
         self.awaited, self.wake, self.stopped = awaited, wake, stopped
         self._given_up: frozenset = frozenset()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
 
     def kick(self) -> None:
-        keys = set(self.awaited())
-        if not keys or keys <= self._given_up:
+        if self._thread is not None and self._thread.is_alive():
             return
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="pd-push-notif-poll",
-                                                daemon=True)
-                self._thread.start()
+        keys = set(self.awaited())
+        if keys and not keys <= self._given_up:
+            self._thread = threading.Thread(target=self._run, name="pd-push-notif-poll",
+                                            daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         deadline = time.monotonic() + self.give_up_s
         while not self.stopped():
-            keys = frozenset(self.awaited())
+            keys = self.awaited()
             if not keys:
                 return
             if time.monotonic() > deadline:
-                self._given_up = keys
+                self._given_up = frozenset(keys)
                 return
             time.sleep(self.interval_s)
             self.wake()

@@ -226,6 +226,10 @@ def run_point(args, name: str, model: str, first_token: bool, kv_dtype: str, wor
     return points, logprobs
 
 
+# The raw READ's descriptor size: the app's own. vLLM-CPU keeps one layer's K and V of a
+# block together, so a 2k prompt moves as 630 descriptors of 32 KiB (a trace of the push
+# worker's make_prepped_xfer); 16 KiB ones (used before 2026-12-06 23:30) double the count
+# and lower the raw figure the in-path target is measured against.
 RAW_CHUNK_KIB = 32
 
 
@@ -460,10 +464,6 @@ def main(argv: list[str] | None = None) -> int:
         acc = agreement(lp["auto"], lp["fp8"])
         two_k = median_stages(small["auto"]["2000"].timelines).get("kv_bytes")
         size = (two_k or 2000 * 10240) / (1 << 20)
-        # the app's own descriptor size: vLLM-CPU keeps one layer's K and V of a block
-        # together, so a 2k prompt moves as 630 descriptors of 32 KiB (a trace of the push
-        # worker's make_prepped_xfer); 16 KiB ones (used before 2026-12-06 23:30) double the
-        # count and lower the raw figure this target is measured against
         raw = raw_nixl(size, RAW_CHUNK_KIB, args.nixl_delay_us)
     write_docs = not args.no_docs and not args.skip_small
     # the docs' figure only with the docs' section, so a partial run cannot replace it

@@ -64,16 +64,17 @@ def start_serve(num_cpus: int = 4, env: dict[str, str] | None = None,
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     os.environ.setdefault("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1")
     # Tested as users run it: HAProxy in front, engine replicas serving HTTP themselves.
+    if ray.is_initialized():
+        # A module whose set-up failed half-way must not fail every module after it with
+        # "ray.init twice": its own error is reported; this one starts clean. (Before this
+        # module's settings: stopping restores the environment the earlier one changed.)
+        warnings.warn("a Ray cluster of an earlier test module was still connected: "
+                      "shut it down before starting this module's", stacklevel=2)
+        stop_serve()
     os.environ.update(serve_env(local=True, isolated=True))
     for key, value in (env or {}).items():
         _saved_env.setdefault(key, os.environ.get(key))
         os.environ[key] = value
-    if ray.is_initialized():
-        # A module whose set-up failed half-way must not fail every module after it with
-        # "ray.init twice": its own error is reported; this one starts clean.
-        warnings.warn("a Ray cluster of an earlier test module was still connected: "
-                      "shut it down before starting this module's", stacklevel=2)
-        stop_serve()
     ray.init(
         num_cpus=num_cpus,
         _node_ip_address="127.0.0.1",
