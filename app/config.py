@@ -214,6 +214,12 @@ class HandoffConfig(_Strict):
         "NixlPushConnector; app/handoff/push.py). Push needs the prefill plane (the front "
         "must know the prefill replica up front); decode samples token 1 itself, so "
         "first_token_from_prefill does not apply to it.")
+    push_early_blocks: bool = Field(
+        True, description="Push: the prefill engine WRITEs each chunk's finished KV blocks "
+        "into decode's while it computes the later chunks, so only the last chunk's blocks "
+        "move after prefill finishes (app/handoff/early_push.py). Acts only when prefill "
+        "runs a prompt in several chunks (prefill.engine_args.max_num_batched_tokens below "
+        "the prompt's length) on CPU engines; elsewhere vLLM's single WRITE at the end.")
     push_wait_s: float = Field(
         10.0, gt=0, description="Push: how long decode may take to produce its first output "
         "after prefill answered before the front gives up on the pushed KV and decodes "
@@ -403,6 +409,10 @@ class AppConfig(_Strict):
         if role == "decode" and self.push_transfer:
             return self.engine_process.push_notif_poll_s
         return None
+
+    def push_early_blocks(self, role: str) -> bool:
+        """Whether an engine of ``role`` WRITEs finished KV blocks before its prefill ends."""
+        return role == "prefill" and self.push_transfer and self.handoff.push_early_blocks
 
     def reads_before_forward(self, role: str) -> bool:
         """Whether an engine of ``role`` posts a step's KV READs before its forward pass."""

@@ -28,6 +28,7 @@ from app.engine_process import (
     KV_READS_FIRST_ENV,
     KV_WAIT_SLEEP_ENV,
     NIXL_DELAY_ENV,
+    PUSH_EARLY_BLOCKS_ENV,
     PUSH_NOTIF_POLL_ENV,
     SHM_BUSY_LOOP_ENV,
     setup_engine_process,
@@ -129,6 +130,7 @@ class EngineServer:
         _set_env(env, KV_WAIT_SLEEP_ENV, cfg.kv_wait_sleep_s(self.role))
         env[KV_READS_FIRST_ENV] = "1" if cfg.reads_before_forward(self.role) else "0"
         _set_env(env, PUSH_NOTIF_POLL_ENV, cfg.push_notif_poll_s(self.role))
+        env[PUSH_EARLY_BLOCKS_ENV] = "1" if cfg.push_early_blocks(self.role) else "0"
         if cfg.nixl.side_channel_host:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = cfg.nixl.side_channel_host
             env.setdefault("VLLM_HOST_IP", cfg.nixl.side_channel_host)

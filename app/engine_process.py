@@ -22,6 +22,9 @@ never import our code otherwise. The fixes are measured in DESIGN.md and docs/HA
   written" one included) only when an engine step wakes it, and the step after that one
   takes the request: ``PD_PUSH_NOTIF_POLL_S`` wakes it on its own while pushed KV is
   awaited, so the next step takes it (:func:`patch_push_notif_poll`).
+* On a push prefill engine, vLLM WRITEs a prompt's KV only when the request has finished:
+  ``PD_PUSH_EARLY_BLOCKS=1`` WRITEs each chunk's finished blocks while later chunks compute
+  (app/handoff/early_push_patch.py).
 * vLLM's KV-event publisher *binds* only wildcard endpoints (``tcp://*:port``, every
   interface) and *connects* to any other. ``PD_KV_EVENTS_BIND_HOST=1`` makes it bind a
   host-specific endpoint too, so the socket listens on the cluster-internal address only
@@ -54,6 +57,7 @@ KV_WAIT_SLEEP_ENV = "PD_KV_WAIT_SLEEP_S"
 VLLM_KV_WAIT_SLEEP_S = 0.001
 KV_READS_FIRST_ENV = "PD_KV_READS_BEFORE_FORWARD"
 PUSH_NOTIF_POLL_ENV = "PD_PUSH_NOTIF_POLL_S"
+PUSH_EARLY_BLOCKS_ENV = "PD_PUSH_EARLY_BLOCKS"
 _SYS_ARCH_PRCTL = 158
 _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
@@ -309,3 +313,7 @@ def setup_engine_process() -> None:
     notif_poll = os.environ.get(PUSH_NOTIF_POLL_ENV)
     if notif_poll:
         patch_push_notif_poll(float(notif_poll))
+    if os.environ.get(PUSH_EARLY_BLOCKS_ENV) == "1":
+        from app.handoff.early_push_patch import patch_push_early_blocks
+
+        patch_push_early_blocks()

@@ -196,9 +196,21 @@ def app_config(args, model: str, port: int, first_token: bool, kv_dtype: str) ->
     }
 
 
-def with_push(args):
-    """``args`` for the push points: ``handoff.transfer: push`` on top of any ``--set``."""
-    return argparse.Namespace(**{**vars(args), "set": [*args.set, 'handoff.transfer="push"']})
+def with_push(args, *more: str):
+    """``args`` for the push points: ``handoff.transfer: push`` (and ``more`` settings) on
+    top of any ``--set``."""
+    return argparse.Namespace(**{**vars(args), "set": [*args.set, 'handoff.transfer="push"',
+                                                      *more]})
+
+
+# Early push acts when prefill runs a prompt in chunks: 2k prompts in four.
+PUSH_CHUNK_TOKENS = 512
+
+
+def chunked_push_args(args, early: bool):
+    """The chunked push points: prefill in ``PUSH_CHUNK_TOKENS`` chunks, early push on/off."""
+    return with_push(args, f"prefill.engine_args.max_num_batched_tokens={PUSH_CHUNK_TOKENS}",
+                     f"handoff.push_early_blocks={'true' if early else 'false'}")
 
 
 def run_point(args, name: str, model: str, first_token: bool, kv_dtype: str, work: Path,
@@ -299,7 +311,7 @@ def path_figures(small: dict[str, dict[str, Point]], dtype: str, label: str
     med = median_stages(small[dtype][label].timelines)
     span = med.get("in_path_ms")
     kv = med.get("kv_bytes")
-    if kv is None and dtype.endswith("(push)"):
+    if kv is None and "push" in dtype:
         pulled = small.get(dtype.split(" ")[0], {}).get(label)
         kv = median_stages(pulled.timelines).get("kv_bytes") if pulled else None
     gbps = kv / (span * 1e6) if kv and span else None
@@ -378,7 +390,9 @@ def markdown(args, command: str, tiny: dict[str, Point], small: dict[str, dict[s
         lines.append(f"Raw NIXL READ, two processes on cores 0-1, {raw['mib']:g} MiB in "
                      f"{raw['chunk_kib']} KiB descriptors: **{raw['gbps']:.2f} GB/s** "
                      f"(p50 {raw['p50_us']:.0f} µs).")
-        for dtype, how in (("auto", "pull"), ("auto (push)", "push")):
+        for dtype, how in (("auto", "pull"), ("auto (push)", "push"),
+                           (f"auto (push, {PUSH_CHUNK_TOKENS}-token chunks, early)",
+                            "push, early")):
             gbps = path_figures(small, dtype, "2000")[1] if dtype in small else None
             if gbps is not None:
                 checks.append((f"in-path KV bandwidth ≥ 0.7 × raw NIXL READ (small model, 2k "
@@ -422,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--set handoff.prefill_plane=false")
     parser.add_argument("--no-push", action="store_true",
                         help="skip the handoff.transfer=push points")
+    parser.add_argument("--push-small-only", action="store_true",
+                        help="only the small model's push points (experiments; no docs)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "handoff")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     parser.add_argument("--no-docs", action="store_true")
@@ -436,13 +452,14 @@ def main(argv: list[str] | None = None) -> int:
         return json.loads((ROOT / "models" / model / "config.json").read_text())["vocab_size"]
 
     tiny: dict[str, Point] = {}
-    for label, first_token in (("before", False), ("after", True)):
+    for label, first_token in (() if args.push_small_only else
+                               (("before", False), ("after", True))):
         batch = prompts(args.requests + 2, 200, vocab("tiny-llama"), seed=11)
         points, _ = run_point(args, f"tiny-{label}", "tiny-llama", first_token, "auto",
                               args.out, [("200", batch, 32)], None)
         tiny[label] = points["200"]
     push_args = with_push(args)
-    if not args.no_push:
+    if not args.no_push and not args.push_small_only:
         batch = prompts(args.requests + 2, 200, vocab("tiny-llama"), seed=11)
         tiny["push"] = run_point(push_args, "tiny-push", "tiny-llama", False, "auto",
                                  args.out, [("200", batch, 32)], None)[0]["200"]
@@ -455,17 +472,24 @@ def main(argv: list[str] | None = None) -> int:
                 for n in (1000, 2000, 3990)]
         fixed = prompts(n_acc, 512, v, seed=7)
         lp: dict[str, list] = {}
-        for dtype in ("auto", "fp8"):
+        for dtype in () if args.push_small_only else ("auto", "fp8"):
             small[dtype], lp[dtype] = run_point(args, f"small-{dtype}", "small-llama", True,
                                                 dtype, args.out, jobs, fixed)
         if not args.no_push:  # the same 2k prompts, moved by push
             small["auto (push)"] = run_point(push_args, "small-push", "small-llama", False,
                                              "auto", args.out, jobs[1:2], None)[0]
-        acc = agreement(lp["auto"], lp["fp8"])
-        two_k = median_stages(small["auto"]["2000"].timelines).get("kv_bytes")
+            for early in (False, True):  # prefill in chunks: early push off / on
+                label = f"auto (push, {PUSH_CHUNK_TOKENS}-token chunks{', early' if early else ''})"
+                small[label] = run_point(chunked_push_args(args, early),
+                                         f"small-push-chunked{'-early' if early else ''}",
+                                         "small-llama", False, "auto", args.out, jobs[1:2],
+                                         None)[0]
+        acc = agreement(lp["auto"], lp["fp8"]) if lp else None
+        two_k = (median_stages(small["auto"]["2000"].timelines).get("kv_bytes")
+                 if "auto" in small else None)
         size = (two_k or 2000 * 10240) / (1 << 20)
         raw = raw_nixl(size, RAW_CHUNK_KIB, args.nixl_delay_us)
-    write_docs = not args.no_docs and not args.skip_small
+    write_docs = not args.no_docs and not args.skip_small and not args.push_small_only
     # the docs' figure only with the docs' section, so a partial run cannot replace it
     plot(tiny, (ROOT / "docs" / "img" if write_docs else args.out) / "handoff_timeline.png")
     text = markdown(args, command, tiny, small, raw, acc, n_acc)

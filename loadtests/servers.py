@@ -158,10 +158,14 @@ def running_app(config: dict[str, Any], work: Path, name: str, host: str, port: 
 
 
 def apply_overrides(app_args: dict[str, Any], items: list[str]) -> dict[str, Any]:
-    """``--set SECTION.KEY=JSON`` (the benches' experiment switch) applied to app args."""
+    """``--set SECTION.KEY=JSON`` (the benches' experiment switch) applied to app args;
+    deeper paths (``prefill.engine_args.max_num_batched_tokens=512``) set nested keys."""
     for item in items:
         path, _, value = item.partition("=")
-        section, _, key = path.partition(".")
-        app_args.setdefault(section, {})[key] = json.loads(value)
+        *sections, key = path.split(".")
+        node = app_args
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = json.loads(value)
     return app_args
 

@@ -5,6 +5,10 @@ The front sends the decode leg together with the prefill leg; decode allocates b
 prefill computes and prefill WRITEs the prompt's KV into them. Engines run in float32, so
 greedy outputs compare exactly with the aggregated app's (bf16 ties flip with any change of
 rounding: another engine, another batch).
+
+The prefill engine runs prompts in chunks of ``PREFILL_CHUNK`` tokens, so the longer prompts
+here also take early push (app/handoff/early_push.py: the blocks of finished chunks are
+WRITTEN while later chunks compute) and the short ones vLLM's single WRITE.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from tests.integration.test_app_pd import _stream_events, make_prompt
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 FLOAT32 = {"dtype": "float32"}
+PREFILL_CHUNK = 2 * BLOCK_SIZE  # prefill's max_num_batched_tokens: prompts run in chunks
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +44,12 @@ def urls():
     port = start_serve(num_cpus=4)
     try:
         base_args = app_config("disaggregated")["engine_args"]
+        chunked = {"engine_args": {"max_num_batched_tokens": PREFILL_CHUNK,
+                                   "max_num_seqs": PREFILL_CHUNK}}
         deploy(app_config("disaggregated", engine_args={**base_args, **FLOAT32},
-                          handoff={"transfer": "push"}), "push", "/push")
+                          handoff={"transfer": "push"},
+                          prefill={**app_config("disaggregated")["prefill"], **chunked}),
+               "push", "/push")
         deploy(app_config("aggregated", engine_args={**base_args, **FLOAT32}), "agg", "/agg")
         base = f"http://127.0.0.1:{port}"
         yield {"push": f"{base}/push", "agg": f"{base}/agg"}
@@ -92,6 +101,10 @@ def test_pushed_stream_matches_aggregated_and_its_kv_came_from_prefill(urls):
     assert after_p["prompt_tokens_computed"] - before_p["prompt_tokens_computed"] >= (
         prompt_tokens - BLOCK_SIZE)
     assert after_p["plane_calls"] > before_p["plane_calls"]  # the front picked the replica
+    # Early push: the prompt ran in several chunks and prefill's connector counted more
+    # than one completed WRITE for it (the finished chunks' blocks, then the rest).
+    assert prompt_tokens > 2 * PREFILL_CHUNK
+    assert after_p["kv_transfers"] - before_p["kv_transfers"] >= 2
     assert after_d["token_one_decode"] == before_d["token_one_decode"] + 1
     assert after_d["token_one_prefill"] == before_d["token_one_prefill"]
 
@@ -168,16 +181,18 @@ def test_a_client_gone_during_a_push_leaves_no_blocks_held(urls):
     assert route == "disaggregated" and len(_tokens(events)) == 4
 
 
-def test_only_the_decode_engine_polls_for_push_notifications(urls):
-    """The engine-process plugin reads ``engine_process.push_notif_poll_s`` from the
-    environment the engines inherit: decode (the WRITE's target, told by a notification)
-    gets it, prefill does not."""
+def test_push_settings_reach_the_engine_processes_of_their_side(urls):
+    """The engine-process plugin reads its settings from the environment the engines
+    inherit: decode (the WRITE's target, told by a notification) polls for notifications,
+    prefill (the writer) WRITEs finished blocks early."""
     import psutil
 
-    from app.engine_process import PUSH_NOTIF_POLL_ENV
+    from app.engine_process import PUSH_EARLY_BLOCKS_ENV, PUSH_NOTIF_POLL_ENV
 
-    for deployment, expected in (("DecodeServer", {"0.0005"}), ("PrefillServer", {None})):
+    for deployment, poll, early in (("DecodeServer", {"0.0005"}, {"0"}),
+                                    ("PrefillServer", {None}, {"1"})):
         pids = engine_stats("push", deployment)["affinity"]
         assert pids, f"{deployment} reported no engine processes"
-        values = {psutil.Process(int(pid)).environ().get(PUSH_NOTIF_POLL_ENV) for pid in pids}
-        assert values == expected, (deployment, values)
+        envs = [psutil.Process(int(pid)).environ() for pid in pids]
+        assert {e.get(PUSH_NOTIF_POLL_ENV) for e in envs} == poll, deployment
+        assert {e.get(PUSH_EARLY_BLOCKS_ENV) for e in envs} == early, deployment

@@ -216,3 +216,17 @@ def test_fixed_replicas_without_autoscaling():
 
     cfg = AppConfig.model_validate(_app_args("local.yaml"))
     assert _engine_options(cfg, "decode")["num_replicas"] == 1
+
+
+def test_only_a_push_prefill_engine_writes_blocks_early():
+    """Early push acts on the engine that WRITEs: prefill under push, unless turned off."""
+    base = {"model": {"path": "/m", "served_model_name": "m"},
+            "handoff": {"transfer": "push"}}
+    push = AppConfig.model_validate(base)
+    assert push.push_early_blocks("prefill") is True
+    assert push.push_early_blocks("decode") is False
+    pull = AppConfig.model_validate({**base, "handoff": {"transfer": "pull"}})
+    assert pull.push_early_blocks("prefill") is False
+    off = AppConfig.model_validate(
+        {**base, "handoff": {"transfer": "push", "push_early_blocks": False}})
+    assert off.push_early_blocks("prefill") is False

@@ -259,3 +259,14 @@ async def test_text_mode_sends_strings_of_exact_length(tmp_path: Path) -> None:
     assert all(isinstance(b["prompt"], str) and len(b["prompt"].split()) == 7 for b in streamed)
     assert all(b["add_special_tokens"] is False for b in streamed)
     assert result["input_lens"] == [7, 7, 7] and result["completed"] == 3
+
+
+def test_bench_overrides_set_top_level_and_nested_keys():
+    from loadtests.servers import apply_overrides
+
+    args = {"handoff": {"timeline": True}, "prefill": {"cpu_cores": ["0"]}}
+    out = apply_overrides(args, ['handoff.transfer="push"',
+                                 "prefill.engine_args.max_num_batched_tokens=512"])
+    assert out["handoff"] == {"timeline": True, "transfer": "push"}
+    assert out["prefill"] == {"cpu_cores": ["0"],
+                              "engine_args": {"max_num_batched_tokens": 512}}
