@@ -436,8 +436,6 @@ def main(argv: list[str] | None = None) -> int:
                         "--set handoff.prefill_plane=false")
     parser.add_argument("--no-push", action="store_true",
                         help="skip the handoff.transfer=push points")
-    parser.add_argument("--push-small-only", action="store_true",
-                        help="only the small model's push points (experiments; no docs)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "handoff")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     parser.add_argument("--no-docs", action="store_true")
@@ -452,14 +450,13 @@ def main(argv: list[str] | None = None) -> int:
         return json.loads((ROOT / "models" / model / "config.json").read_text())["vocab_size"]
 
     tiny: dict[str, Point] = {}
-    for label, first_token in (() if args.push_small_only else
-                               (("before", False), ("after", True))):
+    for label, first_token in (("before", False), ("after", True)):
         batch = prompts(args.requests + 2, 200, vocab("tiny-llama"), seed=11)
         points, _ = run_point(args, f"tiny-{label}", "tiny-llama", first_token, "auto",
                               args.out, [("200", batch, 32)], None)
         tiny[label] = points["200"]
     push_args = with_push(args)
-    if not args.no_push and not args.push_small_only:
+    if not args.no_push:
         batch = prompts(args.requests + 2, 200, vocab("tiny-llama"), seed=11)
         tiny["push"] = run_point(push_args, "tiny-push", "tiny-llama", False, "auto",
                                  args.out, [("200", batch, 32)], None)[0]["200"]
@@ -472,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                 for n in (1000, 2000, 3990)]
         fixed = prompts(n_acc, 512, v, seed=7)
         lp: dict[str, list] = {}
-        for dtype in () if args.push_small_only else ("auto", "fp8"):
+        for dtype in ("auto", "fp8"):
             small[dtype], lp[dtype] = run_point(args, f"small-{dtype}", "small-llama", True,
                                                 dtype, args.out, jobs, fixed)
         if not args.no_push:  # the same 2k prompts, moved by push
@@ -484,12 +481,11 @@ def main(argv: list[str] | None = None) -> int:
                                          f"small-push-chunked{'-early' if early else ''}",
                                          "small-llama", False, "auto", args.out, jobs[1:2],
                                          None)[0]
-        acc = agreement(lp["auto"], lp["fp8"]) if lp else None
-        two_k = (median_stages(small["auto"]["2000"].timelines).get("kv_bytes")
-                 if "auto" in small else None)
+        acc = agreement(lp["auto"], lp["fp8"])
+        two_k = median_stages(small["auto"]["2000"].timelines).get("kv_bytes")
         size = (two_k or 2000 * 10240) / (1 << 20)
         raw = raw_nixl(size, RAW_CHUNK_KIB, args.nixl_delay_us)
-    write_docs = not args.no_docs and not args.skip_small and not args.push_small_only
+    write_docs = not args.no_docs and not args.skip_small
     # the docs' figure only with the docs' section, so a partial run cannot replace it
     plot(tiny, (ROOT / "docs" / "img" if write_docs else args.out) / "handoff_timeline.png")
     text = markdown(args, command, tiny, small, raw, acc, n_acc)
