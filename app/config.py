@@ -126,6 +126,11 @@ class EngineProcessConfig(_Strict):
         "the READ was then collected a step later and the request ran two steps after its "
         "admission). Off = vLLM's order, which suits GPUs (the GPU configs set it).",
     )
+    kv_ready_at_once: bool = Field(
+        True, description="A decode engine goes straight to the next engine step after the "
+        "step that learnt a request's KV arrived (a finished READ under pull, a 'KV written' "
+        "notification under push), instead of vLLM's idle-step sleep (1 ms, or "
+        "kv_wait_sleep_s) before the step that runs the request (docs/HANDOFF.md).")
     push_notif_poll_s: float | None = Field(
         PUSH_NOTIF_POLL_S,
         gt=0,
@@ -409,6 +414,11 @@ class AppConfig(_Strict):
         if role == "decode" and self.push_transfer:
             return self.engine_process.push_notif_poll_s
         return None
+
+    def kv_ready_at_once(self, role: str) -> bool:
+        """Whether an engine of ``role`` skips the idle-step sleep once a request's KV is in."""
+        return role == "decode" and self.mode != "aggregated" and \
+            self.engine_process.kv_ready_at_once
 
     def push_early_blocks(self, role: str) -> bool:
         """Whether an engine of ``role`` WRITEs finished KV blocks before its prefill ends."""

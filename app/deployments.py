@@ -26,6 +26,7 @@ from app.engine_host import EngineHost
 from app.engine_process import (
     KV_EVENTS_BIND_ENV,
     KV_READS_FIRST_ENV,
+    KV_READY_AT_ONCE_ENV,
     KV_WAIT_SLEEP_ENV,
     NIXL_DELAY_ENV,
     PUSH_EARLY_BLOCKS_ENV,
@@ -131,6 +132,7 @@ class EngineServer:
         env[KV_READS_FIRST_ENV] = "1" if cfg.reads_before_forward(self.role) else "0"
         _set_env(env, PUSH_NOTIF_POLL_ENV, cfg.push_notif_poll_s(self.role))
         env[PUSH_EARLY_BLOCKS_ENV] = "1" if cfg.push_early_blocks(self.role) else "0"
+        env[KV_READY_AT_ONCE_ENV] = "1" if cfg.kv_ready_at_once(self.role) else "0"
         if cfg.nixl.side_channel_host:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = cfg.nixl.side_channel_host
             env.setdefault("VLLM_HOST_IP", cfg.nixl.side_channel_host)

@@ -15,6 +15,9 @@ never import our code otherwise. The fixes are measured in DESIGN.md and docs/HA
 * vLLM's engine core sleeps 1 ms between engine steps that ran no model while requests wait
   (for remote KV): on a pull decode engine that is on every handoff's path, once or twice
   (``PD_KV_WAIT_SLEEP_S`` shortens it, see :func:`patch_kv_wait_sleep`).
+* A decode engine sleeps that same idle-step sleep right after the step that learnt a
+  request's KV arrived, before the step that runs it: ``PD_KV_READY_AT_ONCE=1`` skips it
+  (:func:`patch_kv_ready_at_once`).
 * On a pull decode engine, vLLM posts a step's KV READs after its forward pass, which on a CPU
   is after the whole forward: ``PD_KV_READS_BEFORE_FORWARD=1`` posts them before it, so they
   finish during it (:func:`patch_reads_before_forward`).
@@ -58,6 +61,7 @@ VLLM_KV_WAIT_SLEEP_S = 0.001
 KV_READS_FIRST_ENV = "PD_KV_READS_BEFORE_FORWARD"
 PUSH_NOTIF_POLL_ENV = "PD_PUSH_NOTIF_POLL_S"
 PUSH_EARLY_BLOCKS_ENV = "PD_PUSH_EARLY_BLOCKS"
+KV_READY_AT_ONCE_ENV = "PD_KV_READY_AT_ONCE"
 _SYS_ARCH_PRCTL = 158
 _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
@@ -144,16 +148,35 @@ def patch_shm_busy_loop(seconds: float) -> bool:
 
 class _KvWaitClock:
     """vLLM's engine-core module sees this as its ``time``: everything is the real module's
-    except the idle-step sleep, which becomes ``seconds``."""
+    except the idle-step sleep, which becomes ``seconds``, or nothing at all right after a
+    step in which a request's KV arrived when ``skip_when_ready`` (see
+    :func:`patch_kv_ready_at_once`)."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
+        self.skip_when_ready = False
 
     def __getattr__(self, name: str):
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(self.seconds if seconds == VLLM_KV_WAIT_SLEEP_S else seconds)
+        if seconds != VLLM_KV_WAIT_SLEEP_S:
+            time.sleep(seconds)
+        elif not (self.skip_when_ready and _KV_READY[0]):
+            time.sleep(self.seconds)
+
+
+# Set by the engine core's post-step hook: the step just ended has made a request's KV
+# ready (it runs at the next step), so the idle-step sleep would only delay it.
+_KV_READY = [False]
+
+
+def _kv_wait_clock():
+    from vllm.v1.engine import core
+
+    if not isinstance(core.time, _KvWaitClock):
+        core.time = _KvWaitClock(VLLM_KV_WAIT_SLEEP_S)
+    return core.time
 
 
 def patch_kv_wait_sleep(seconds: float) -> bool:
@@ -164,13 +187,37 @@ def patch_kv_wait_sleep(seconds: float) -> bool:
     waits up to a millisecond (each time it is polled) before decode runs the request.
     """
     try:
-        from vllm.v1.engine import core
+        _kv_wait_clock().seconds = seconds
     except Exception:  # noqa: BLE001 - not a vLLM process
         return False
-    if isinstance(core.time, _KvWaitClock):
-        core.time.seconds = seconds
-    else:
-        core.time = _KvWaitClock(seconds)
+    return True
+
+
+def patch_kv_ready_at_once() -> bool:
+    """Skip the engine core's idle-step sleep after a step in which a request's KV arrived.
+
+    The step that learns a READ finished (pull) or a pushed KV landed (push) runs no model,
+    so vLLM sleeps (1 ms, or ``kv_wait_sleep_s``; 0.4-1.1 ms taken on shared cores) before
+    the step that runs the request: on every disaggregated request's path, for nothing.
+    """
+    try:
+        from vllm.v1.engine import core
+
+        clock = _kv_wait_clock()
+    except Exception:  # noqa: BLE001 - not a vLLM process
+        return False
+    clock.skip_when_ready = True
+    cls = core.EngineCore
+    if getattr(cls, "_pd_serve_ready_at_once", False):
+        return True
+    post_step = cls.post_step
+
+    def post_step_marking_ready(self, model_executed):
+        post_step(self, model_executed)
+        _KV_READY[0] = bool(getattr(self.scheduler, "finished_recving_kv_req_ids", None))
+
+    cls.post_step = post_step_marking_ready
+    cls._pd_serve_ready_at_once = True
     return True
 
 
@@ -310,6 +357,8 @@ def setup_engine_process() -> None:
         patch_kv_wait_sleep(float(kv_wait))
     if os.environ.get(KV_READS_FIRST_ENV) == "1":
         patch_reads_before_forward()
+    if os.environ.get(KV_READY_AT_ONCE_ENV) == "1":
+        patch_kv_ready_at_once()
     notif_poll = os.environ.get(PUSH_NOTIF_POLL_ENV)
     if notif_poll:
         patch_push_notif_poll(float(notif_poll))

@@ -10,6 +10,10 @@ between two processes on the engines' cores. With early push most bytes move *be
 copy is. Writes section ``bench:early_push`` of docs/BENCHMARKS.md.
 
     python bench/early_push.py [--rounds 3] [--requests 8]
+
+Other settings can be compared the same way, on top of the chunked push app or the pull one:
+``--a SECTION.KEY=JSON --b SECTION.KEY=JSON [--transfer pull] --no-docs`` (e.g. decode's
+``engine_process.kv_ready_at_once``); the docs section is written for the default A/B only.
 """
 
 from __future__ import annotations
@@ -66,11 +70,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reader-delay-us", type=int, default=READER_PROGRESS_DELAY_US)
     parser.add_argument("--policy", default="power_of_two")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON")
+    parser.add_argument("--a", action="append", default=[], metavar="SECTION.KEY=JSON",
+                        help="setting(s) of point A (default: handoff.push_early_blocks=false)")
+    parser.add_argument("--b", action="append", default=[], metavar="SECTION.KEY=JSON",
+                        help="setting(s) of point B (default: handoff.push_early_blocks=true)")
+    parser.add_argument("--transfer", choices=["push", "pull"], default="push",
+                        help="pull: the A/B on the pull app (prefill unchunked, token 1 "
+                        "from decode)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "early_push")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     parser.add_argument("--no-docs", action="store_true")
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(raw_argv)
+    default_ab = not (args.a or args.b or args.transfer != "push")
+    if default_ab:
+        args.a, args.b = ["handoff.push_early_blocks=false"], ["handoff.push_early_blocks=true"]
+
+    def point_args(early: bool):
+        sets = args.b if early else args.a
+        if args.transfer == "pull":
+            return argparse.Namespace(**{**vars(args), "set": [*args.set, *sets]})
+        base = chunked_push_args(args, True)
+        return argparse.Namespace(**{**vars(base), "set": [*base.set, *sets]})
+
     command = shlex.join(["python", "bench/early_push.py", *raw_argv])
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -82,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         for early in (False, True):
             batch = prompts(args.requests + 2, PROMPT_TOKENS, vocab, seed=100 + r)
-            name = f"push-chunked-{'early' if early else 'end'}-{r}"
-            point = run_point(chunked_push_args(args, early), name, MODEL, False, "auto",
+            name = f"{args.transfer}-{'b' if early else 'a'}-{r}"
+            point = run_point(point_args(early), name, MODEL, False, "auto",
                               args.out, [("2000", batch, 16)], None)[0]["2000"]
             spans[early].append([t["in_path_ms"] for t in point.timelines
                                  if t.get("in_path_ms") is not None])
@@ -104,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- Small model, {PROMPT_TOKENS}-token prompts ({kv / 1e6:.2f} MB of bf16 KV each), "
         f"`handoff.transfer: push`, prefill in {PUSH_CHUNK_TOKENS}-token chunks "
         "(`prefill.engine_args.max_num_batched_tokens`), prefill on core 0, decode on core "
-        f"1; `handoff.push_early_blocks` off (`end`: vLLM's one WRITE at the finish) and on "
-        f"(`early`), in alternated app starts, {args.requests} sequential requests each.",
+        f"1; `end` = {' '.join(args.a)}, `early` = {' '.join(args.b)} (default: early push "
+        "off, vLLM's one WRITE at the finish, and on), in alternated app starts, "
+        f"{args.requests} sequential requests each.",
         "- `in-path` = prefill's token 1 → decode schedules the request (the front's "
         "`pd_timeline`), ms; bandwidth = KV bytes / that time.", "",
         "| round | end: in-path p50 | early: in-path p50 |", "|---|---|---|"]
@@ -141,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         {"spans_ms": {"end": spans[False], "early": spans[True]}, "ttft_ms": {
             "end": ttft[False], "early": ttft[True]}, "kv_bytes": kv, "raw_nixl": raw},
         indent=1))
-    if not args.no_docs:
+    if not args.no_docs and default_ab:
         update_file(args.docs, SECTION, text)
         print(f"wrote section {SECTION} of {args.docs}", file=sys.stderr)
     return 0

@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-Progress = tuple[tuple[int, ...], int, int]  # (prefill block ids so far, tokens ready, prompt length)
+# (prefill block ids so far, tokens whose KV is in memory, prompt length)
+Progress = tuple[tuple[int, ...], int, int]
 
 
 def cdiv(a: int, b: int) -> int:

@@ -183,16 +183,22 @@ def test_a_client_gone_during_a_push_leaves_no_blocks_held(urls):
 
 def test_push_settings_reach_the_engine_processes_of_their_side(urls):
     """The engine-process plugin reads its settings from the environment the engines
-    inherit: decode (the WRITE's target, told by a notification) polls for notifications,
-    prefill (the writer) WRITEs finished blocks early."""
+    inherit: decode (the WRITE's target, told by a notification) polls for notifications
+    and runs a request as soon as its KV is in, prefill (the writer) WRITEs finished blocks
+    early."""
     import psutil
 
-    from app.engine_process import PUSH_EARLY_BLOCKS_ENV, PUSH_NOTIF_POLL_ENV
+    from app.engine_process import (
+        KV_READY_AT_ONCE_ENV,
+        PUSH_EARLY_BLOCKS_ENV,
+        PUSH_NOTIF_POLL_ENV,
+    )
 
-    for deployment, poll, early in (("DecodeServer", {"0.0005"}, {"0"}),
-                                    ("PrefillServer", {None}, {"1"})):
+    for deployment, poll, early, at_once in (("DecodeServer", {"0.0005"}, {"0"}, {"1"}),
+                                             ("PrefillServer", {None}, {"1"}, {"0"})):
         pids = engine_stats("push", deployment)["affinity"]
         assert pids, f"{deployment} reported no engine processes"
         envs = [psutil.Process(int(pid)).environ() for pid in pids]
         assert {e.get(PUSH_NOTIF_POLL_ENV) for e in envs} == poll, deployment
         assert {e.get(PUSH_EARLY_BLOCKS_ENV) for e in envs} == early, deployment
+        assert {e.get(KV_READY_AT_ONCE_ENV) for e in envs} == at_once, deployment

@@ -230,3 +230,15 @@ def test_only_a_push_prefill_engine_writes_blocks_early():
     off = AppConfig.model_validate(
         {**base, "handoff": {"transfer": "push", "push_early_blocks": False}})
     assert off.push_early_blocks("prefill") is False
+
+
+def test_only_decode_engines_skip_the_idle_sleep_once_kv_is_in():
+    base = {"model": {"path": "/m", "served_model_name": "m"}}
+    for transfer in ("pull", "push"):
+        cfg = AppConfig.model_validate({**base, "handoff": {"transfer": transfer}})
+        assert cfg.kv_ready_at_once("decode") is True
+        assert cfg.kv_ready_at_once("prefill") is False
+    assert AppConfig.model_validate({**base, "mode": "aggregated"}).kv_ready_at_once(
+        "aggregated") is False
+    off = AppConfig.model_validate({**base, "engine_process": {"kv_ready_at_once": False}})
+    assert off.kv_ready_at_once("decode") is False

@@ -225,6 +225,45 @@ def test_kv_wait_sleep_patch_shortens_vllms_idle_step_sleep(monkeypatch):
     assert _idle_step_sleeps(monkeypatch) == [0.0003]
 
 
+def test_kv_ready_at_once_skips_the_idle_sleep_only_after_kv_arrived(monkeypatch):
+    """vLLM's real engine-core step and post-step hook, on a stub engine: after a step that
+    made a request's KV ready (the scheduler holds it in ``finished_recving_kv_req_ids``)
+    the engine core goes straight to the next step; after any other idle step it sleeps as
+    before."""
+    from vllm.v1.engine import core
+
+    monkeypatch.setattr(core, "time", time)
+    monkeypatch.setattr(core.EngineCore, "post_step", core.EngineCore.post_step)
+    monkeypatch.setattr(core.EngineCore, "_pd_serve_ready_at_once", False, raising=False)
+    monkeypatch.setattr(engine_process, "_KV_READY", [False])
+
+    class ReadyStub(_EngineStub):
+        check_for_draft_tokens = async_scheduling = False
+
+        def __init__(self, ready):
+            super().__init__()
+            self.scheduler.finished_recving_kv_req_ids = ready
+
+        def post_step(self, model_executed):
+            core.EngineCore.post_step(self, model_executed)
+
+    def sleeps(ready) -> list[float]:
+        slept = _recorded_sleeps(monkeypatch)
+        assert core.EngineCoreProc._process_engine_step(ReadyStub(ready)) is False
+        return slept
+
+    monkeypatch.setenv(engine_process.KV_READY_AT_ONCE_ENV, "1")
+    monkeypatch.delenv(engine_process.KV_WAIT_SLEEP_ENV, raising=False)
+    engine_process.setup_engine_process()
+    assert sleeps({"req"}) == []
+    assert sleeps(set()) == [engine_process.VLLM_KV_WAIT_SLEEP_S]
+    engine_process.patch_kv_wait_sleep(0.0001)  # with pull's shorter sleep as well
+    assert sleeps({"req"}) == []
+    assert sleeps(set()) == [0.0001]
+    post_step = core.EngineCore.post_step
+    assert engine_process.patch_kv_ready_at_once() and core.EngineCore.post_step is post_step
+
+
 def test_kv_wait_sleep_untouched_without_setting(monkeypatch):
     from vllm.v1.engine import core
 
