@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     def pooled(early: bool) -> list[float]:
         return [v for rnd in spans[early] for v in rnd]
 
+    # the default A/B: vLLM's one WRITE at the finish (`end`) vs early push (`early`)
+    la, lb = ("end", "early") if default_ab else ("A", "B")
     hw = hardware()
     lines = [
         "## KV handoff: early push, a chunked prefill's KV written while it computes "
@@ -124,19 +126,21 @@ def main(argv: list[str] | None = None) -> int:
         f"- Command: `{command}`",
         f"- Hardware: {hardware_line(hw)}",
         f"- Small model, {PROMPT_TOKENS}-token prompts ({kv / 1e6:.2f} MB of bf16 KV each), "
-        f"`handoff.transfer: push`, prefill in {PUSH_CHUNK_TOKENS}-token chunks "
-        "(`prefill.engine_args.max_num_batched_tokens`), prefill on core 0, decode on core "
-        f"1; `end` = {' '.join(args.a)}, `early` = {' '.join(args.b)} (default: early push "
-        "off, vLLM's one WRITE at the finish, and on), in alternated app starts, "
+        + (f"`handoff.transfer: push`, prefill in {PUSH_CHUNK_TOKENS}-token chunks "
+           "(`prefill.engine_args.max_num_batched_tokens`)" if args.transfer == "push" else
+           "`handoff.transfer: pull`, token 1 from decode")
+        + ", prefill on core 0, decode on core "
+        f"1; `{la}` = {' '.join(args.a)}, `{lb}` = {' '.join(args.b)}, in alternated app "
+        "starts, "
         f"{args.requests} sequential requests each.",
         "- `in-path` = prefill's token 1 → decode schedules the request (the front's "
         "`pd_timeline`), ms; bandwidth = KV bytes / that time.", "",
-        "| round | end: in-path p50 | early: in-path p50 |", "|---|---|---|"]
+        f"| round | {la}: in-path p50 | {lb}: in-path p50 |", "|---|---|---|"]
     for r in range(args.rounds):
         e, a = p50(spans[False][r]), p50(spans[True][r])
         lines.append(f"| {r + 1} | {e:.2f} | {a:.2f} |" if e and a else f"| {r + 1} | n/a | n/a |")
     end, early = p50(pooled(False)), p50(pooled(True))
-    lines += ["", "| | end | early |", "|---|---|---|",
+    lines += ["", f"| | {la} | {lb} |", "|---|---|---|",
               f"| in-path p50, all rounds (n = {len(pooled(False))} / {len(pooled(True))}) | "
               f"{end:.2f} ms | {early:.2f} ms |" if end and early else "| in-path | n/a | n/a |"]
     checks = []
@@ -150,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         if early:
             gbps = kv / (early * 1e6)
             checks.append(("in-path KV bandwidth ≥ 0.7 × raw NIXL READ (small model, 2k "
-                           "prompts, push with early push)",
+                           f"prompts, {args.transfer}, {lb})",
                            f"{gbps:.2f} vs 0.7 × {raw['gbps']:.2f} = {0.7 * raw['gbps']:.2f} "
                            "GB/s", gbps >= 0.7 * raw["gbps"]))
     if end and early:
-        checks.append(("early push shortens the handoff on the path",
+        checks.append((f"{lb} shortens the handoff on the path vs {la}",
                        f"{early:.2f} vs {end:.2f} ms", early < end))
     lines += ["", "Checks (within this run):", ""]
     lines += [f"- {'✅' if ok else '❌'} {name}: {detail}" for name, detail, ok in checks]
