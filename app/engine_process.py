@@ -167,8 +167,9 @@ class _KvWaitClock:
 
 
 # Set by the engine core's post-step hook: the step just ended has made a request's KV
-# ready (it runs at the next step), so the idle-step sleep would only delay it.
-_KV_READY = [False]
+# ready (it runs at the next step), so the idle-step sleep would only delay it. Once per
+# set of such requests: a ready request the scheduler cannot run yet never makes it spin.
+_KV_READY: list = [False, frozenset()]
 
 
 def _kv_wait_clock():
@@ -214,7 +215,9 @@ def patch_kv_ready_at_once() -> bool:
 
     def post_step_marking_ready(self, model_executed):
         post_step(self, model_executed)
-        _KV_READY[0] = bool(getattr(self.scheduler, "finished_recving_kv_req_ids", None))
+        ready = frozenset(getattr(self.scheduler, "finished_recving_kv_req_ids", None) or ())
+        _KV_READY[0] = bool(ready) and ready != _KV_READY[1]
+        _KV_READY[1] = ready
 
     cls.post_step = post_step_marking_ready
     cls._pd_serve_ready_at_once = True

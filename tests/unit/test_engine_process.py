@@ -235,7 +235,7 @@ def test_kv_ready_at_once_skips_the_idle_sleep_only_after_kv_arrived(monkeypatch
     monkeypatch.setattr(core, "time", time)
     monkeypatch.setattr(core.EngineCore, "post_step", core.EngineCore.post_step)
     monkeypatch.setattr(core.EngineCore, "_pd_serve_ready_at_once", False, raising=False)
-    monkeypatch.setattr(engine_process, "_KV_READY", [False])
+    monkeypatch.setattr(engine_process, "_KV_READY", [False, frozenset()])
 
     class ReadyStub(_EngineStub):
         check_for_draft_tokens = async_scheduling = False
@@ -256,9 +256,12 @@ def test_kv_ready_at_once_skips_the_idle_sleep_only_after_kv_arrived(monkeypatch
     monkeypatch.delenv(engine_process.KV_WAIT_SLEEP_ENV, raising=False)
     engine_process.setup_engine_process()
     assert sleeps({"req"}) == []
+    # the same request still ready (the scheduler could not run it yet): no spinning
+    assert sleeps({"req"}) == [engine_process.VLLM_KV_WAIT_SLEEP_S]
     assert sleeps(set()) == [engine_process.VLLM_KV_WAIT_SLEEP_S]
     engine_process.patch_kv_wait_sleep(0.0001)  # with pull's shorter sleep as well
     assert sleeps({"req"}) == []
+    assert sleeps({"req", "other"}) == []  # another request's KV arrived
     assert sleeps(set()) == [0.0001]
     post_step = core.EngineCore.post_step
     assert engine_process.patch_kv_ready_at_once() and core.EngineCore.post_step is post_step
