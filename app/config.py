@@ -229,6 +229,14 @@ class HandoffConfig(_Strict):
         10.0, gt=0, description="Push: how long decode may take to produce its first output "
         "after prefill answered before the front gives up on the pushed KV and decodes "
         "with local prefill.")
+    push_source_probe_s: float | None = Field(
+        1.0, gt=0, description="Push: how often a decode engine checks that the prefill "
+        "engine whose KV it awaits is still there (a TCP connect to its NIXL side channel, "
+        "only for requests awaited this long). A gone one (refused twice, or silent for 60 "
+        "s) can no longer WRITE, so its requests are failed receives: decode frees their "
+        "blocks, and recomputes a live request's prompt (app/handoff/push_source_watch.py). "
+        "vLLM has no such deadline: the blocks stayed held until decode restarted. "
+        "None = off.")
 
 
 class MetricsConfig(_Strict):
@@ -419,6 +427,13 @@ class AppConfig(_Strict):
         """Whether an engine of ``role`` skips the idle-step sleep once a request's KV is in."""
         return role == "decode" and self.mode != "aggregated" and \
             self.engine_process.kv_ready_at_once
+
+    def push_source_probe_s(self, role: str) -> float | None:
+        """How often an engine of ``role`` checks that the source of pushed KV it awaits is
+        alive (None: never, vLLM's): a decode engine under push."""
+        if role == "decode" and self.push_transfer:
+            return self.handoff.push_source_probe_s
+        return None
 
     def push_early_blocks(self, role: str) -> bool:
         """Whether an engine of ``role`` WRITEs finished KV blocks before its prefill ends."""

@@ -31,6 +31,7 @@ from app.engine_process import (
     NIXL_DELAY_ENV,
     PUSH_EARLY_BLOCKS_ENV,
     PUSH_NOTIF_POLL_ENV,
+    PUSH_SOURCE_PROBE_ENV,
     SHM_BUSY_LOOP_ENV,
     setup_engine_process,
 )
@@ -132,6 +133,7 @@ class EngineServer:
         env[KV_READS_FIRST_ENV] = "1" if cfg.reads_before_forward(self.role) else "0"
         _set_env(env, PUSH_NOTIF_POLL_ENV, cfg.push_notif_poll_s(self.role))
         env[PUSH_EARLY_BLOCKS_ENV] = "1" if cfg.push_early_blocks(self.role) else "0"
+        _set_env(env, PUSH_SOURCE_PROBE_ENV, cfg.push_source_probe_s(self.role))
         env[KV_READY_AT_ONCE_ENV] = "1" if cfg.kv_ready_at_once(self.role) else "0"
         if cfg.nixl.side_channel_host:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = cfg.nixl.side_channel_host

@@ -28,6 +28,9 @@ never import our code otherwise. The fixes are measured in DESIGN.md and docs/HA
 * On a push prefill engine, vLLM WRITEs a prompt's KV only when the request has finished:
   ``PD_PUSH_EARLY_BLOCKS=1`` WRITEs each chunk's finished blocks while later chunks compute
   (app/handoff/early_push_patch.py).
+* On a push decode engine, vLLM waits for a WRITE without limit, even once its prefill
+  engine is gone: ``PD_PUSH_SOURCE_PROBE_S`` probes that engine's side channel and fails the
+  receive of a gone one, so decode frees the blocks (app/handoff/push_source_watch.py).
 * vLLM's KV-event publisher *binds* only wildcard endpoints (``tcp://*:port``, every
   interface) and *connects* to any other. ``PD_KV_EVENTS_BIND_HOST=1`` makes it bind a
   host-specific endpoint too, so the socket listens on the cluster-internal address only
@@ -61,6 +64,7 @@ VLLM_KV_WAIT_SLEEP_S = 0.001
 KV_READS_FIRST_ENV = "PD_KV_READS_BEFORE_FORWARD"
 PUSH_NOTIF_POLL_ENV = "PD_PUSH_NOTIF_POLL_S"
 PUSH_EARLY_BLOCKS_ENV = "PD_PUSH_EARLY_BLOCKS"
+PUSH_SOURCE_PROBE_ENV = "PD_PUSH_SOURCE_PROBE_S"
 KV_READY_AT_ONCE_ENV = "PD_KV_READY_AT_ONCE"
 _SYS_ARCH_PRCTL = 158
 _ARCH_REQ_XCOMP_PERM = 0x1023
@@ -369,3 +373,8 @@ def setup_engine_process() -> None:
         from app.handoff.early_push_patch import patch_push_early_blocks
 
         patch_push_early_blocks()
+    source_probe = os.environ.get(PUSH_SOURCE_PROBE_ENV)
+    if source_probe:
+        from app.handoff.push_source_watch_patch import patch_push_source_watch
+
+        patch_push_source_watch(float(source_probe))

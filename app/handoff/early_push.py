@@ -94,7 +94,6 @@ class EarlyPush:
     sent: int = 0  # prefill blocks [0, sent) are WRITTEN (or held by decode already)
     offset: int | None = None  # prefill block i is decode block i - offset
     handles: list[Any] = field(default_factory=list)
-    bytes_hint: int = 0  # blocks posted early (for logs and tests)
     disabled: bool = False
     created: float = field(default_factory=time.monotonic)
 
@@ -122,10 +121,9 @@ class EarlyPush:
             return None
         return self.p_blocks[start:ready], list(range(start - offset, ready - offset)), ready
 
-    def commit(self, sent: int, handle: Any, n_blocks: int) -> None:
+    def commit(self, sent: int, handle: Any) -> None:
         self.sent = sent
         self.handles.append(handle)
-        self.bytes_hint += n_blocks
 
     def remainder(self, final_p_blocks: list[int], n_decode_blocks: int
                   ) -> tuple[list[int], int] | None:

@@ -36,7 +36,8 @@ _FINAL_WAIT_S = 10.0  # the early WRITEs' completion before the final one (they 
 
 
 def patch_push_early_blocks() -> bool:
-    """Install both sides; idempotent. False where vLLM's push connector is absent."""
+    """Install both sides; idempotent. False where vLLM's push connector is absent or the
+    engines are not CPU ones (the scheduler then reports no progress either)."""
     try:
         from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_scheduler import (
             NixlPushConnectorScheduler,
@@ -48,6 +49,10 @@ def patch_push_early_blocks() -> bool:
         return False
     if getattr(NixlPushConnectorWorker, "_pd_serve_early_push", False):
         return True
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():  # see the module docstring: CPU KV caches only
+        return False
     _patch_scheduler(NixlPushConnectorScheduler)
     _patch_worker(NixlPushConnectorWorker)
     NixlPushConnectorWorker._pd_serve_early_push = True
@@ -203,7 +208,7 @@ def _send_ready(worker, req_id: str) -> None:
     if handle is None:
         rec.disabled = True  # the final WRITE moves every block
         return
-    rec.commit(sent, handle, len(p_ids))
+    rec.commit(sent, handle)
     worker._engine_last_active[dst] = time.perf_counter()
 
 

@@ -183,22 +183,78 @@ def test_a_client_gone_during_a_push_leaves_no_blocks_held(urls):
 
 def test_push_settings_reach_the_engine_processes_of_their_side(urls):
     """The engine-process plugin reads its settings from the environment the engines
-    inherit: decode (the WRITE's target, told by a notification) polls for notifications
-    and runs a request as soon as its KV is in, prefill (the writer) WRITEs finished blocks
-    early."""
+    inherit: decode (the WRITE's target, told by a notification) polls for notifications,
+    runs a request as soon as its KV is in and watches that its prefill engine is still
+    there, prefill (the writer) WRITEs finished blocks early."""
     import psutil
 
     from app.engine_process import (
         KV_READY_AT_ONCE_ENV,
         PUSH_EARLY_BLOCKS_ENV,
         PUSH_NOTIF_POLL_ENV,
+        PUSH_SOURCE_PROBE_ENV,
     )
 
-    for deployment, poll, early, at_once in (("DecodeServer", {"0.0005"}, {"0"}, {"1"}),
-                                             ("PrefillServer", {None}, {"1"}, {"0"})):
+    for deployment, poll, early, at_once, probe in (
+            ("DecodeServer", {"0.0005"}, {"0"}, {"1"}, {"1.0"}),
+            ("PrefillServer", {None}, {"1"}, {"0"}, {None})):
         pids = engine_stats("push", deployment)["affinity"]
         assert pids, f"{deployment} reported no engine processes"
         envs = [psutil.Process(int(pid)).environ() for pid in pids]
         assert {e.get(PUSH_NOTIF_POLL_ENV) for e in envs} == poll, deployment
         assert {e.get(PUSH_EARLY_BLOCKS_ENV) for e in envs} == early, deployment
         assert {e.get(KV_READY_AT_ONCE_ENV) for e in envs} == at_once, deployment
+        assert {e.get(PUSH_SOURCE_PROBE_ENV) for e in envs} == probe, deployment
+
+
+def test_a_prefill_engine_gone_mid_push_frees_decode_blocks(urls):
+    """Runs last in the module: it kills the prefill engine.
+
+    vLLM's push decode waits for a WRITE without limit and keeps a cancelled leg's blocks
+    until it comes, so a prefill engine that died mid-push left decode's blocks held for good
+    (measured with ``push_source_probe_s`` off: still held when the wait below ran out).
+    Decode's source watch (app/handoff/push_source_watch.py) finds the engine's side channel
+    gone and fails the receive, so the blocks are freed; the client's request, abandoned
+    by the front when prefill failed, is answered with local prefill.
+
+    The prefill engine is stopped (SIGSTOP) before the request, so its WRITE cannot come
+    whatever the timing, and killed once decode holds the leg's blocks."""
+    import os
+    import signal
+
+    def idle(name):
+        return engine_stats("push", name)["kv_cache_usage"] == 0
+
+    # a push first, so decode has completed its NIXL handshake with this prefill engine
+    route, events = _stream(urls["push"], "/v1/completions", _body(60, 60, 4))
+    assert route == "disaggregated" and len(_tokens(events)) == 4
+    wait_until(lambda: idle("DecodeServer") and idle("PrefillServer"), 60, what="idle engines")
+    body = {k: v for k, v in _body(61, 300, 8).items() if k != "stream_options"}
+    with client(urls["agg"]) as c:
+        agg = c.post("/v1/completions", json=body)
+    assert agg.status_code == 200, agg.text
+    expected = agg.json()["choices"][0]["text"]
+    pids = [int(p) for p in engine_stats("push", "PrefillServer")["affinity"]]
+    assert pids, "the prefill replica reported no engine processes"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            def post():
+                with client(urls["push"]) as c:
+                    return c.post("/v1/completions", json=body)
+            answer = pool.submit(post)
+
+            def waiting_for_kv():
+                d = engine_stats("push", "DecodeServer")
+                return d["kv_cache_usage"] > 0 and d["num_running_reqs"] == 0
+            wait_until(waiting_for_kv, 60, interval=0.05, what="the pushed leg on decode")
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+        r = answer.result(timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-pd-route"] == "fallback"
+    assert r.json()["choices"][0]["text"] == expected
+    wait_until(lambda: idle("DecodeServer"), 60,
+               what="decode to free the blocks of the push whose prefill engine died")

@@ -232,6 +232,23 @@ def test_only_a_push_prefill_engine_writes_blocks_early():
     assert off.push_early_blocks("prefill") is False
 
 
+def test_only_a_push_decode_engine_watches_the_source_of_its_kv():
+    """The watch acts where KV is awaited from another engine's WRITE: decode under push."""
+    base = {"model": {"path": "/m", "served_model_name": "m"},
+            "handoff": {"transfer": "push"}}
+    push = AppConfig.model_validate(base)
+    assert push.push_source_probe_s("decode") == 1.0
+    assert push.push_source_probe_s("prefill") is None
+    pull = AppConfig.model_validate({**base, "handoff": {"transfer": "pull"}})
+    assert pull.push_source_probe_s("decode") is None
+    off = AppConfig.model_validate(
+        {**base, "handoff": {"transfer": "push", "push_source_probe_s": None}})
+    assert off.push_source_probe_s("decode") is None
+    with pytest.raises(ValidationError, match="push_source_probe_s"):
+        AppConfig.model_validate(
+            {**base, "handoff": {"transfer": "push", "push_source_probe_s": 0}})
+
+
 def test_only_decode_engines_skip_the_idle_sleep_once_kv_is_in():
     base = {"model": {"path": "/m", "served_model_name": "m"}}
     for transfer in ("pull", "push"):

@@ -49,12 +49,12 @@ def test_early_spans_then_the_remainder_cover_every_block_once():
     d = [20, 21, 22, 23, 24]  # decode holds nothing: one decode block per prefill block
     p_ids, d_idx, sent = rec.next_span(len(d))
     assert (p_ids, [d[i] for i in d_idx], sent) == ([10, 11], [20, 21], 2)
-    rec.commit(sent, "h1", len(p_ids))
+    rec.commit(sent, "h1")
     assert rec.next_span(len(d)) is None  # nothing new is ready
     rec.update(((10, 11, 12, 13, 14), 16, 18))
     p_ids, d_idx, sent = rec.next_span(len(d))
     assert (p_ids, [d[i] for i in d_idx], sent) == ([12, 13], [22, 23], 4)
-    rec.commit(sent, "h2", len(p_ids))
+    rec.commit(sent, "h2")
     p_rest, d_start = rec.remainder([10, 11, 12, 13, 14], len(d))
     assert (p_rest, d[d_start:]) == ([14], [24])
 
@@ -64,7 +64,7 @@ def test_blocks_decode_already_holds_are_skipped_and_the_tail_aligns():
     d = [30, 31, 32]  # decode had the first two blocks cached: it registered the last three
     p_ids, d_idx, sent = rec.next_span(len(d))
     assert (p_ids, [d[i] for i in d_idx], sent) == ([12, 13], [30, 31], 4)
-    rec.commit(sent, "h", len(p_ids))
+    rec.commit(sent, "h")
     p_rest, d_start = rec.remainder([10, 11, 12, 13, 14], len(d))
     assert (p_rest, d[d_start:]) == ([14], [32])
 
@@ -79,7 +79,7 @@ def test_anything_that_does_not_add_up_sends_every_block_at_the_finish():
     def sent_two():
         rec = _rec(ready=8)
         p_ids, _, sent = rec.next_span(5)
-        rec.commit(sent, "h", len(p_ids))
+        rec.commit(sent, "h")
         return rec
 
     assert sent_two().remainder([10, 11, 12, 13], 5) is None  # another block count
@@ -111,5 +111,5 @@ def test_the_last_block_always_waits_for_the_final_write():
     rec.update(((10, 11, 12, 13), 16, 16))  # 16 tokens: 4 full blocks, all computed
     p_ids, d_idx, sent = rec.next_span(4)
     assert (p_ids, d_idx, sent) == ([10, 11, 12], [0, 1, 2], 3)
-    rec.commit(sent, "h", len(p_ids))
+    rec.commit(sent, "h")
     assert rec.remainder([10, 11, 12, 13], 4) == ([13], 3)

@@ -1,0 +1,82 @@
+"""The push source watch's decisions (app/handoff/push_source_watch.py): when decode gives up
+on pushed KV. Probes are scripted here; one test probes real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+
+from app.handoff.push_source_watch import Probe, PushSourceWatch, probe_side_channel
+
+A, B = ("10.0.0.1", 5600), ("10.0.0.2", 5600)
+
+
+class Scripted:
+    """Answers each source's probes from its script (the last answer repeats)."""
+
+    def __init__(self, **scripts: list[Probe]):
+        self.scripts = {A: scripts.get("a", [Probe.ALIVE]), B: scripts.get("b", [Probe.ALIVE])}
+        self.calls: list[tuple] = []
+
+    def __call__(self, source):
+        self.calls.append(source)
+        script = self.scripts[source]
+        return script.pop(0) if len(script) > 1 else script[0]
+
+
+def test_a_live_source_is_never_given_up_and_young_requests_are_not_probed():
+    probe = Scripted()
+    watch = PushSourceWatch(1.0, probe)
+    assert watch.check({"r1": A}, 0.0) == []
+    assert probe.calls == []  # awaited for less than one interval: not probed yet
+    for t in range(1, 100):
+        assert watch.check({"r1": A}, float(t)) == []
+    assert len(probe.calls) == 99
+
+
+def test_two_refusals_in_a_row_give_up_every_request_of_that_source_once():
+    probe = Scripted(a=[Probe.REFUSED])
+    watch = PushSourceWatch(1.0, probe)
+    awaited = {"r1": A, "r2": A, "r3": B}
+    assert watch.check(awaited, 0.0) == []
+    assert watch.check(awaited, 1.0) == []  # one refusal: a port can be between owners
+    assert sorted(watch.check(awaited, 2.0)) == ["r1", "r2"]
+    # still listed until the engine thread drains the failures: never reported twice
+    assert watch.check(awaited, 3.0) == []
+    # a new request from the gone source is given up once it has waited an interval
+    assert watch.check({"r3": B, "r4": A}, 4.0) == []
+    assert watch.check({"r3": B, "r4": A}, 5.0) == ["r4"]
+
+
+def test_an_answer_between_refusals_starts_the_count_again():
+    probe = Scripted(a=[Probe.REFUSED, Probe.ALIVE, Probe.REFUSED, Probe.REFUSED])
+    watch = PushSourceWatch(1.0, probe)
+    watch.check({"r1": A}, 0.0)
+    assert [watch.check({"r1": A}, float(t)) for t in (1, 2, 3, 4)] == [[], [], [], ["r1"]]
+
+
+def test_a_silent_source_is_given_up_only_after_unreachable_s():
+    probe = Scripted(a=[Probe.SILENT])
+    watch = PushSourceWatch(1.0, probe, unreachable_s=10.0)
+    watch.check({"r1": A}, 0.0)
+    assert all(watch.check({"r1": A}, float(t)) == [] for t in range(1, 11))
+    assert watch.check({"r1": A}, 11.0) == ["r1"]
+
+
+def test_a_source_nothing_is_awaited_from_starts_afresh():
+    probe = Scripted(a=[Probe.REFUSED])
+    watch = PushSourceWatch(1.0, probe)
+    watch.check({"r1": A}, 0.0)
+    assert watch.check({"r1": A}, 1.0) == []  # one refusal
+    assert watch.check({}, 2.0) == []  # r1 arrived: A's count is dropped
+    watch.check({"r2": A}, 3.0)
+    assert watch.check({"r2": A}, 4.0) == []  # one refusal again, not the second
+    assert watch.check({"r2": A}, 5.0) == ["r2"]
+
+
+def test_probe_tells_a_listener_from_a_closed_port():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert probe_side_channel(("127.0.0.1", port)) is Probe.ALIVE
+    assert probe_side_channel(("127.0.0.1", port)) is Probe.REFUSED
