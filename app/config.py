@@ -225,6 +225,13 @@ class HandoffConfig(_Strict):
         "move after prefill finishes (app/handoff/early_push.py). Acts only when prefill "
         "runs a prompt in several chunks (prefill.engine_args.max_num_batched_tokens below "
         "the prompt's length) on CPU engines; elsewhere vLLM's single WRITE at the end.")
+    push_complete_early: bool = Field(
+        True, description="Early push: a prefill leg finishes with the step that computes "
+        "its prompt's last tokens, so its worker WRITEs the blocks not sent yet, the last "
+        "included, with vLLM's 'KV written' notification right after that step's forward "
+        "pass, instead of when vLLM tells it of the finish at the next engine step "
+        "(app/handoff/early_push.py). Prompts of one chunk take it too. Needs "
+        "push_early_blocks and CPU engines.")
     push_wait_s: float = Field(
         10.0, gt=0, description="Push: how long decode may take to produce its first output "
         "after prefill answered before the front gives up on the pushed KV and decodes "
@@ -427,6 +434,11 @@ class AppConfig(_Strict):
         """Whether an engine of ``role`` skips the idle-step sleep once a request's KV is in."""
         return role == "decode" and self.mode != "aggregated" and \
             self.engine_process.kv_ready_at_once
+
+    def push_complete_early(self, role: str) -> bool:
+        """Whether an engine of ``role`` WRITEs a finishing request's last blocks, with the
+        notification, right after its last forward pass."""
+        return self.push_early_blocks(role) and self.handoff.push_complete_early
 
     def push_source_probe_s(self, role: str) -> float | None:
         """How often an engine of ``role`` checks that the source of pushed KV it awaits is

@@ -29,6 +29,7 @@ from app.engine_process import (
     KV_READY_AT_ONCE_ENV,
     KV_WAIT_SLEEP_ENV,
     NIXL_DELAY_ENV,
+    PUSH_COMPLETE_EARLY_ENV,
     PUSH_EARLY_BLOCKS_ENV,
     PUSH_NOTIF_POLL_ENV,
     PUSH_SOURCE_PROBE_ENV,
@@ -133,6 +134,7 @@ class EngineServer:
         env[KV_READS_FIRST_ENV] = "1" if cfg.reads_before_forward(self.role) else "0"
         _set_env(env, PUSH_NOTIF_POLL_ENV, cfg.push_notif_poll_s(self.role))
         env[PUSH_EARLY_BLOCKS_ENV] = "1" if cfg.push_early_blocks(self.role) else "0"
+        env[PUSH_COMPLETE_EARLY_ENV] = "1" if cfg.push_complete_early(self.role) else "0"
         _set_env(env, PUSH_SOURCE_PROBE_ENV, cfg.push_source_probe_s(self.role))
         env[KV_READY_AT_ONCE_ENV] = "1" if cfg.kv_ready_at_once(self.role) else "0"
         if cfg.nixl.side_channel_host:

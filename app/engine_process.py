@@ -26,8 +26,9 @@ never import our code otherwise. The fixes are measured in DESIGN.md and docs/HA
   takes the request: ``PD_PUSH_NOTIF_POLL_S`` wakes it on its own while pushed KV is
   awaited, so the next step takes it (:func:`patch_push_notif_poll`).
 * On a push prefill engine, vLLM WRITEs a prompt's KV only when the request has finished:
-  ``PD_PUSH_EARLY_BLOCKS=1`` WRITEs each chunk's finished blocks while later chunks compute
-  (app/handoff/early_push_patch.py).
+  ``PD_PUSH_EARLY_BLOCKS=1`` WRITEs each chunk's finished blocks while later chunks compute,
+  and ``PD_PUSH_COMPLETE_EARLY=1`` the last ones with the notification right after the last
+  forward pass (app/handoff/early_push_patch.py).
 * On a push decode engine, vLLM waits for a WRITE without limit, even once its prefill
   engine is gone: ``PD_PUSH_SOURCE_PROBE_S`` probes that engine's side channel and fails the
   receive of a gone one, so decode frees the blocks (app/handoff/push_source_watch.py).
@@ -65,6 +66,7 @@ KV_READS_FIRST_ENV = "PD_KV_READS_BEFORE_FORWARD"
 PUSH_NOTIF_POLL_ENV = "PD_PUSH_NOTIF_POLL_S"
 PUSH_EARLY_BLOCKS_ENV = "PD_PUSH_EARLY_BLOCKS"
 PUSH_SOURCE_PROBE_ENV = "PD_PUSH_SOURCE_PROBE_S"
+PUSH_COMPLETE_EARLY_ENV = "PD_PUSH_COMPLETE_EARLY"
 KV_READY_AT_ONCE_ENV = "PD_KV_READY_AT_ONCE"
 _SYS_ARCH_PRCTL = 158
 _ARCH_REQ_XCOMP_PERM = 0x1023
@@ -372,7 +374,7 @@ def setup_engine_process() -> None:
     if os.environ.get(PUSH_EARLY_BLOCKS_ENV) == "1":
         from app.handoff.early_push_patch import patch_push_early_blocks
 
-        patch_push_early_blocks()
+        patch_push_early_blocks(os.environ.get(PUSH_COMPLETE_EARLY_ENV) == "1")
     source_probe = os.environ.get(PUSH_SOURCE_PROBE_ENV)
     if source_probe:
         from app.handoff.push_source_watch_patch import patch_push_source_watch

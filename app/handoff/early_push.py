@@ -12,6 +12,15 @@ ones compute, and the last chunk's full blocks move while prefill samples token 
 finishes the request. vLLM's own WRITE at the finish then moves only the last block and
 carries the "KV written" notification, posted after every early WRITE has completed.
 
+*Completing early* (``handoff.push_complete_early``): a prefill leg generates one token, so
+the step that computes its prompt's last tokens is the one it finishes with. vLLM learns of
+the finish only when it processes that step's output and tells its worker in the *next*
+step's metadata (1-3 ms measured on the path). With completing early the worker, reading the
+last step's metadata after its forward pass, WRITEs every block not sent yet, the last one
+included, with the "KV written" notification at once; vLLM's WRITE at the finish then only
+waits for those WRITEs before prefill frees the blocks. This applies to prompts of one chunk
+too.
+
 The block mapping follows vLLM's push WRITE: decode allocated blocks only for the tokens it
 does not hold (a prefix-cache hit on decode), so its blocks are the tail of prefill's, aligned
 at the end. Anything that does not add up at the finish (another block count, blocks that
@@ -26,8 +35,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-# (prefill block ids so far, tokens whose KV is in memory, prompt length)
-Progress = tuple[tuple[int, ...], int, int]
+# (prefill block ids so far, tokens whose KV is in memory, prompt length, whether the
+# request finishes with this step: its whole prompt is in memory and it samples one token)
+Progress = tuple[tuple[int, ...], int, int, bool]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -41,16 +51,17 @@ class PrefillProgress:
     the scheduler output carries (all of them for a new request, the new ones after) and the
     tokens whose KV is in memory when the worker reads the step's metadata (vLLM's worker
     reads it after the step's forward pass, so those the step computes count too); ``take``
-    then gives the requests whose count of finished blocks grew.
+    then gives the requests whose count of finished blocks grew, or that finish with this
+    step (a request watched as ``single_token`` whose whole prompt is in memory).
     """
 
     def __init__(self, block_size: int):
         self.block_size = block_size
         self._reqs: dict[str, dict[str, Any]] = {}
 
-    def watch(self, req_id: str, prompt_len: int) -> None:
+    def watch(self, req_id: str, prompt_len: int, single_token: bool = False) -> None:
         self._reqs[req_id] = {"prompt_len": prompt_len, "blocks": None, "ready": 0,
-                              "reported": 0}
+                              "reported": 0, "single_token": single_token, "final": False}
 
     def forget(self, req_id: str) -> None:
         self._reqs.pop(req_id, None)
@@ -77,10 +88,17 @@ class PrefillProgress:
             if r["blocks"] is None:
                 continue
             full = min(r["ready"] // self.block_size, len(r["blocks"]))
-            if full > r["reported"]:
-                r["reported"] = full
-                out[req_id] = (tuple(r["blocks"]), r["ready"], r["prompt_len"])
+            final = r["single_token"] and r["ready"] >= r["prompt_len"] and \
+                len(r["blocks"]) >= cdiv(r["prompt_len"], self.block_size)
+            if full > r["reported"] or (final and not r["final"]):
+                r["reported"], r["final"] = full, final
+                out[req_id] = (tuple(r["blocks"]), r["ready"], r["prompt_len"], final)
         return out
+
+    def finishing(self, req_id: str) -> bool:
+        """Whether ``req_id`` was reported as finishing (its worker may have completed it)."""
+        r = self._reqs.get(req_id)
+        return bool(r and r["final"])
 
 
 @dataclass
@@ -91,6 +109,8 @@ class EarlyPush:
     prompt_len: int = 0
     p_blocks: list[int] = field(default_factory=list)
     ready_tokens: int = 0
+    finishing: bool = False  # the request finishes with the step that reported this
+    completed: bool = False  # every block is WRITTEN, the notification with the last ones
     sent: int = 0  # prefill blocks [0, sent) are WRITTEN (or held by decode already)
     offset: int | None = None  # prefill block i is decode block i - offset
     handles: list[Any] = field(default_factory=list)
@@ -98,32 +118,42 @@ class EarlyPush:
     created: float = field(default_factory=time.monotonic)
 
     def update(self, progress: Progress) -> None:
-        blocks, ready, prompt_len = progress
+        blocks, ready, prompt_len, finishing = progress
         self.p_blocks, self.ready_tokens, self.prompt_len = list(blocks), ready, prompt_len
+        self.finishing = finishing
 
-    def next_span(self, n_decode_blocks: int) -> tuple[list[int], list[int], int] | None:
-        """(prefill block ids, decode block ids, new ``sent``) to WRITE now, or None.
+    def next_span(self, n_decode_blocks: int, complete: bool = False
+                  ) -> tuple[list[int], list[int], int, bool] | None:
+        """(prefill block ids, decode block indexes, new ``sent``, whether this WRITE
+        completes the request) to WRITE now, or None.
 
-        ``decode_blocks`` indexes are relative to decode's registered list, so the caller
-        slices that list with the returned decode range (see :meth:`decode_range`)."""
-        if self.disabled or not self.prompt_len:
+        The decode indexes are relative to decode's registered list. With ``complete`` and a
+        finishing request, the span runs to the last block and the WRITE must carry the
+        "KV written" notification; otherwise the last block waits for vLLM's final WRITE."""
+        if self.disabled or self.completed or not self.prompt_len:
             return None
         offset = cdiv(self.prompt_len, self.block_size) - n_decode_blocks
         if offset < 0 or (self.offset is not None and offset != self.offset):
             self.disabled = True
             return None
         self.offset = offset
-        # the last block always waits for vLLM's final WRITE, which carries the notification
-        ready = min(self.ready_tokens // self.block_size, len(self.p_blocks),
-                    cdiv(self.prompt_len, self.block_size) - 1)
+        n_blocks = cdiv(self.prompt_len, self.block_size)
         start = max(self.sent, offset)
+        if complete and self.finishing and len(self.p_blocks) == n_blocks \
+                and start < n_blocks:
+            return (self.p_blocks[start:], list(range(start - offset, n_blocks - offset)),
+                    n_blocks, True)
+        # the last block waits for vLLM's final WRITE, which carries the notification
+        ready = min(self.ready_tokens // self.block_size, len(self.p_blocks), n_blocks - 1)
         if ready <= start:
             return None
-        return self.p_blocks[start:ready], list(range(start - offset, ready - offset)), ready
+        return (self.p_blocks[start:ready], list(range(start - offset, ready - offset)), ready,
+                False)
 
-    def commit(self, sent: int, handle: Any) -> None:
+    def commit(self, sent: int, handle: Any, completes: bool = False) -> None:
         self.sent = sent
         self.handles.append(handle)
+        self.completed = completes
 
     def remainder(self, final_p_blocks: list[int], n_decode_blocks: int
                   ) -> tuple[list[int], int] | None:

@@ -35,9 +35,11 @@ _FINAL_WAIT_S = 10.0  # the early WRITEs' completion before the final one (they 
 # done inside ``transfer()`` on a host: already complete in practice)
 
 
-def patch_push_early_blocks() -> bool:
-    """Install both sides; idempotent. False where vLLM's push connector is absent or the
-    engines are not CPU ones (the scheduler then reports no progress either)."""
+def patch_push_early_blocks(complete_early: bool = True) -> bool:
+    """Install both sides; idempotent (a second call sets ``complete_early``). False where
+    vLLM's push connector is absent or the engines are not CPU ones (the scheduler then
+    reports no progress either). ``complete_early``: a finishing request's last blocks and
+    the "KV written" notification go right after its last forward pass (early_push.py)."""
     try:
         from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_scheduler import (
             NixlPushConnectorScheduler,
@@ -48,6 +50,8 @@ def patch_push_early_blocks() -> bool:
     except Exception:  # noqa: BLE001 - not a vLLM process, or a vLLM without push
         return False
     if getattr(NixlPushConnectorWorker, "_pd_serve_early_push", False):
+        NixlPushConnectorWorker._pd_serve_complete_early = complete_early
+        NixlPushConnectorScheduler._pd_serve_complete_early = complete_early
         return True
     from vllm.platforms import current_platform
 
@@ -55,6 +59,8 @@ def patch_push_early_blocks() -> bool:
         return False
     _patch_scheduler(NixlPushConnectorScheduler)
     _patch_worker(NixlPushConnectorWorker)
+    NixlPushConnectorWorker._pd_serve_complete_early = complete_early
+    NixlPushConnectorScheduler._pd_serve_complete_early = complete_early
     NixlPushConnectorWorker._pd_serve_early_push = True
     return True
 
@@ -77,11 +83,25 @@ def _patch_scheduler(cls) -> None:
         after_alloc(self, request, blocks, num_external_tokens)
         params = request.kv_transfer_params or {}
         if params.get("do_remote_decode") and request.request_id not in _progress(self):
-            _progress(self).watch(request.request_id, len(request.prompt_token_ids or ()))
+            single = self._pd_serve_complete_early and request.max_tokens == 1
+            _progress(self).watch(request.request_id, len(request.prompt_token_ids or ()),
+                                  single_token=single)
 
     def request_finished(self, request, block_ids):
-        delay_free, params = finished(self, request, block_ids)
+        from vllm.v1.request import RequestStatus
+
         tracker = _progress(self)
+        status = request.status
+        if tracker.finishing(request.request_id) and status not in (
+                RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+            # Reported as finishing, so its worker may have WRITTEN every block already and
+            # be reading them still: an abort must not free them at once. Finished as vLLM
+            # finishes a pushed request instead, its blocks wait for those WRITEs.
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+        try:
+            delay_free, params = finished(self, request, block_ids)
+        finally:
+            request.status = status
         if request.request_id in tracker:
             tracker.forget(request.request_id)
             if not delay_free:  # no final WRITE will come for it: the worker drops its record
@@ -200,22 +220,29 @@ def _send_ready(worker, req_id: str) -> None:
             or worker.region_group_ids != worker.dst_region_group_ids[dst]):
         rec.disabled = True
         return
-    span = rec.next_span(len(d_blocks))
+    span = rec.next_span(len(d_blocks), complete=type(worker)._pd_serve_complete_early)
     if span is None:
         return
-    p_ids, d_index, sent = span
-    handle = _post_write(worker, dst, info, p_ids, [d_blocks[i] for i in d_index])
+    p_ids, d_index, sent, completes = span
+    if completes and not _all_done(worker, rec.handles):
+        rec.disabled = True  # an early WRITE failed: the final WRITE moves every block
+        return
+    # vLLM's "KV written" notification (its push _xfer_blocks'): decode's request id, TP size
+    notif = f"{reg['request_id']}:{worker.world_size}".encode() if completes else None
+    handle = _post_write(worker, dst, info, p_ids, [d_blocks[i] for i in d_index], notif)
     if handle is None:
         rec.disabled = True  # the final WRITE moves every block
         return
-    rec.commit(sent, handle)
+    rec.commit(sent, handle, completes)
     worker._engine_last_active[dst] = time.perf_counter()
 
 
-def _post_write(worker, dst: str, info, p_ids: list[int], d_ids: list[int]):
-    """A WRITE of prefill blocks ``p_ids`` into decode blocks ``d_ids``, with no notification
-    (decode must learn of its KV only from the final WRITE). Mirrors vLLM's push _xfer_blocks
-    for the simple layout :func:`_supported` admits."""
+def _post_write(worker, dst: str, info, p_ids: list[int], d_ids: list[int],
+                notif: bytes | None = None):
+    """A WRITE of prefill blocks ``p_ids`` into decode blocks ``d_ids``; with no notification
+    unless it completes the request (decode must learn of its KV only once all of it is
+    there). Mirrors vLLM's push _xfer_blocks for the simple layout :func:`_supported`
+    admits."""
     remote = worker._compute_desc_ids(
         block_ids=[d_ids], dst_num_blocks=worker.dst_num_blocks[dst], block_size_ratio=None,
         physical_blocks_per_logical=info.remote_physical_blocks_per_logical,
@@ -232,7 +259,8 @@ def _post_write(worker, dst: str, info, p_ids: list[int], d_ids: list[int]):
     try:
         handle = worker.nixl_wrapper.make_prepped_xfer(
             "WRITE", worker.src_xfer_handles_by_block_size[info.remote_block_size], local,
-            worker.dst_xfer_side_handles[dst][0], remote)
+            worker.dst_xfer_side_handles[dst][0], remote,
+            **({"notif_msg": notif} if notif is not None else {}))
         worker.nixl_wrapper.transfer(handle)
         return handle
     except Exception as e:  # noqa: BLE001 - the final WRITE moves every block instead
@@ -250,24 +278,34 @@ def _release(worker, handle) -> None:
         log.debug("releasing an early push handle failed", exc_info=True)
 
 
+def _state_when_settled(worker, handle, deadline: float) -> str:
+    """The handle's transfer state once it left PROC, or PROC at ``deadline``."""
+    while True:
+        try:
+            state = worker.nixl_wrapper.check_xfer_state(handle)
+        except Exception:  # noqa: BLE001
+            return "ERR"
+        if state != "PROC" or time.monotonic() >= deadline:
+            return state
+        time.sleep(0.0002)
+
+
+def _all_done(worker, handles) -> bool:
+    """Whether every one of ``handles`` completes (waits up to the final-WRITE bound). The
+    notification goes only after every earlier WRITE has landed: decode runs the request as
+    soon as it arrives."""
+    deadline = time.monotonic() + _FINAL_WAIT_S
+    return all(_state_when_settled(worker, h, deadline) == "DONE" for h in handles)
+
+
 def _settle(worker, rec) -> bool:
     """Wait for the record's early WRITEs; True if all completed. Releases the handles."""
     ok, deadline = True, time.monotonic() + _FINAL_WAIT_S
     for handle in rec.handles:
-        while True:
-            try:
-                state = worker.nixl_wrapper.check_xfer_state(handle)
-            except Exception:  # noqa: BLE001
-                state = "ERR"
-            if state == "PROC" and time.monotonic() < deadline:
-                time.sleep(0.0002)
-                continue
-            if state == "DONE":
-                worker.xfer_stats.record_transfer(
-                    worker.nixl_wrapper.get_xfer_telemetry(handle))
-            else:
-                ok = False
-            break
+        if _state_when_settled(worker, handle, deadline) == "DONE":
+            worker.xfer_stats.record_transfer(worker.nixl_wrapper.get_xfer_telemetry(handle))
+        else:
+            ok = False
         _release(worker, handle)
     rec.handles = []
     return ok
@@ -300,6 +338,12 @@ def _patch_worker(cls) -> None:
         rec = book.pop(request_id)
         if rec is None or not rec.handles:
             return do_start(self, request_id, local_block_ids, registration_data)
+        if rec.completed:  # every block and the notification went: only free after them
+            with self._sending_transfers_lock:
+                self._sending_transfers[request_id].extend(rec.handles)
+            self._engine_last_active[registration_data["decode_engine_id"]] = \
+                time.perf_counter()
+            return None
         settled = _settle(self, rec)
         final_p = _one_group(local_block_ids)
         d_blocks = _one_group(registration_data.get("local_block_ids"))

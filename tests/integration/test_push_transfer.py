@@ -190,6 +190,7 @@ def test_push_settings_reach_the_engine_processes_of_their_side(urls):
 
     from app.engine_process import (
         KV_READY_AT_ONCE_ENV,
+        PUSH_COMPLETE_EARLY_ENV,
         PUSH_EARLY_BLOCKS_ENV,
         PUSH_NOTIF_POLL_ENV,
         PUSH_SOURCE_PROBE_ENV,
@@ -198,11 +199,13 @@ def test_push_settings_reach_the_engine_processes_of_their_side(urls):
     for deployment, poll, early, at_once, probe in (
             ("DecodeServer", {"0.0005"}, {"0"}, {"1"}, {"1.0"}),
             ("PrefillServer", {None}, {"1"}, {"0"}, {None})):
+        complete = early
         pids = engine_stats("push", deployment)["affinity"]
         assert pids, f"{deployment} reported no engine processes"
         envs = [psutil.Process(int(pid)).environ() for pid in pids]
         assert {e.get(PUSH_NOTIF_POLL_ENV) for e in envs} == poll, deployment
         assert {e.get(PUSH_EARLY_BLOCKS_ENV) for e in envs} == early, deployment
+        assert {e.get(PUSH_COMPLETE_EARLY_ENV) for e in envs} == complete, deployment
         assert {e.get(KV_READY_AT_ONCE_ENV) for e in envs} == at_once, deployment
         assert {e.get(PUSH_SOURCE_PROBE_ENV) for e in envs} == probe, deployment
 

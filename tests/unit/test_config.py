@@ -230,6 +230,15 @@ def test_only_a_push_prefill_engine_writes_blocks_early():
     off = AppConfig.model_validate(
         {**base, "handoff": {"transfer": "push", "push_early_blocks": False}})
     assert off.push_early_blocks("prefill") is False
+    # completing early is part of early push: on with it, on the prefill side only
+    assert push.push_complete_early("prefill") is True
+    assert push.push_complete_early("decode") is False
+    assert off.push_complete_early("prefill") is False
+    assert pull.push_complete_early("prefill") is False
+    blocks_only = AppConfig.model_validate(
+        {**base, "handoff": {"transfer": "push", "push_complete_early": False}})
+    assert blocks_only.push_early_blocks("prefill") is True
+    assert blocks_only.push_complete_early("prefill") is False
 
 
 def test_only_a_push_decode_engine_watches_the_source_of_its_kv():
