@@ -305,16 +305,17 @@ def plot(tiny: dict[str, Point], path: Path) -> None:
 
 def path_figures(small: dict[str, dict[str, Point]], dtype: str, label: str
                  ) -> tuple[float | None, float | None, float | None]:
-    """(KV bytes per request, in-path GB/s, in-path ms), medians. A push is WRITTEN by the
-    prefill engine, so decode's READ counter is empty: its bytes are those the pull point
-    read for the same prompts (same blocks, same layout)."""
+    """(KV bytes per request, in-path GB/s (inf for a median in-path of 0), in-path ms),
+    medians. A push is WRITTEN by the prefill engine, so decode's READ counter is empty: its
+    bytes are those the pull point read for the same prompts (same blocks, same layout)."""
     med = median_stages(small[dtype][label].timelines)
     span = med.get("in_path_ms")
     kv = med.get("kv_bytes")
     if kv is None and "push" in dtype:
         pulled = small.get(dtype.split(" ")[0], {}).get(label)
         kv = median_stages(pulled.timelines).get("kv_bytes") if pulled else None
-    gbps = kv / (span * 1e6) if kv and span else None
+    # a median in-path of 0: the median request's KV was at decode before prefill's token 1
+    gbps = (kv / (span * 1e6) if span else float("inf")) if kv and span is not None else None
     return kv, gbps, span
 
 

@@ -99,7 +99,7 @@ class HandoffTimeline:
         if self.kv_read_s is not None:
             out["kv_read_ms"] = round(self.kv_read_s * 1e3, 3)
         span = in_path_seconds(self.marks)
-        if span:
+        if span is not None:
             out["in_path_ms"] = round(span * 1e3, 3)
         if self.kv_bytes:  # the decode engine's READ (pull); a push is counted by prefill
             out["kv_bytes"] = self.kv_bytes
@@ -110,11 +110,13 @@ class HandoffTimeline:
 
 def in_path_seconds(marks: dict[str, float]) -> float | None:
     """From prefill done (its first token) to decode start (the request scheduled with its
-    KV in place): what the KV handoff costs on the request's path."""
+    KV in place): what the KV handoff costs on the request's path. 0 when decode started
+    first (a push whose KV and notification left before prefill's engine put out token 1):
+    nothing of the handoff was left on the path."""
     start, end = marks.get("prefill_first_token"), marks.get("decode_scheduled")
-    if start is None or end is None or end <= start:
+    if start is None or end is None:
         return None
-    return end - start
+    return max(end - start, 0.0)
 
 
 def median_stages(records: Iterable[dict[str, Any]]) -> dict[str, float]:

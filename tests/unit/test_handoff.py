@@ -142,6 +142,11 @@ def test_timeline_stages_from_front_and_engine_marks():
     assert record["in_path_ms"] == pytest.approx(40.0)
     t.kv_bytes = 0  # a push: decode read nothing, the span is still the handoff's
     assert "in_path_gbps" not in t.record() and t.record()["in_path_ms"] == pytest.approx(40.0)
+    early = HandoffTimeline()  # decode scheduled before prefill's engine put out token 1
+    early.engine("prefill", {"first_token": 9.05})
+    early.engine("decode", {"scheduled": 9.049})
+    early.kv_bytes = 40_000_000
+    assert early.record()["in_path_ms"] == 0.0 and "in_path_gbps" not in early.record()
     assert engine_stamps(_Stats()) == {"queued": 10.0, "scheduled": 10.5}
     t.mark("received", 99.0)  # first mark wins
     assert t.marks["received"] == 9.0
