@@ -301,9 +301,10 @@ class PushNotifPoller:
             self.wake()
 
 
-def patch_push_notif_poll(interval_s: float) -> bool:
-    """Make a push decode engine's writer thread drain NIXL notifications every
-    ``interval_s`` while the engine awaits pushed KV (see :class:`PushNotifPoller`)."""
+def after_push_start_load_kv(setting: str, value, after) -> bool:
+    """Run ``after(worker)`` after every ``start_load_kv`` of vLLM's push worker (each
+    engine step), the class attribute ``setting`` holding ``value``; a second call only
+    updates the value. False where vLLM's push connector is absent."""
     try:
         from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import (
             NixlPushConnectorWorker,
@@ -311,25 +312,32 @@ def patch_push_notif_poll(interval_s: float) -> bool:
     except Exception:  # noqa: BLE001 - not a vLLM process, or a vLLM without push
         return False
     cls = NixlPushConnectorWorker
-    if getattr(cls, "_pd_serve_notif_poll_s", None) is not None:
-        cls._pd_serve_notif_poll_s = interval_s
-        return True
-    start_load_kv = cls.start_load_kv
+    if getattr(cls, setting, None) is None:
+        start_load_kv = cls.start_load_kv
 
-    def start_load_kv_polled(self, metadata):
-        start_load_kv(self, metadata)
-        poller = self.__dict__.get("_pd_serve_notif_poller")
+        def start_load_kv_then(self, metadata):
+            start_load_kv(self, metadata)
+            after(self)
+
+        cls.start_load_kv = start_load_kv_then
+    setattr(cls, setting, value)
+    return True
+
+
+def patch_push_notif_poll(interval_s: float) -> bool:
+    """Make a push decode engine's writer thread drain NIXL notifications every
+    ``interval_s`` while the engine awaits pushed KV (see :class:`PushNotifPoller`)."""
+    def kick(worker) -> None:
+        poller = worker.__dict__.get("_pd_serve_notif_poller")
         if poller is None:
-            poller = self._pd_serve_notif_poller = PushNotifPoller(
+            poller = worker._pd_serve_notif_poller = PushNotifPoller(
                 # a snapshot of the keys (tuple() of a dict runs without releasing the GIL)
-                cls._pd_serve_notif_poll_s, lambda: tuple(self._recving_metadata),
-                self._push_writer_wake.set, self._push_writer_stop.is_set)
-        poller.interval_s = cls._pd_serve_notif_poll_s
+                interval_s, lambda: tuple(worker._recving_metadata),
+                worker._push_writer_wake.set, worker._push_writer_stop.is_set)
+        poller.interval_s = type(worker)._pd_serve_notif_poll_s
         poller.kick()
 
-    cls.start_load_kv = start_load_kv_polled
-    cls._pd_serve_notif_poll_s = interval_s
-    return True
+    return after_push_start_load_kv("_pd_serve_notif_poll_s", interval_s, kick)
 
 
 def patch_kv_events_bind() -> bool:

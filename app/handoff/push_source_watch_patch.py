@@ -22,26 +22,13 @@ log = logging.getLogger(__name__)
 def patch_push_source_watch(interval_s: float) -> bool:
     """Install on vLLM's push worker; idempotent (a second call sets the interval). False
     where vLLM's push connector is absent."""
-    try:
-        from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import (
-            NixlPushConnectorWorker,
-        )
-    except Exception:  # noqa: BLE001 - not a vLLM process, or a vLLM without push
-        return False
-    cls = NixlPushConnectorWorker
-    if getattr(cls, "_pd_serve_source_probe_s", None) is not None:
-        cls._pd_serve_source_probe_s = interval_s
-        return True
-    start_load_kv = cls.start_load_kv
+    from app.engine_process import after_push_start_load_kv
 
-    def start_load_kv_watched(self, metadata):
-        start_load_kv(self, metadata)
-        if self._recving_metadata:
-            _kick(self, cls._pd_serve_source_probe_s)
+    def kick(worker) -> None:
+        if worker._recving_metadata:
+            _kick(worker, type(worker)._pd_serve_source_probe_s)
 
-    cls.start_load_kv = start_load_kv_watched
-    cls._pd_serve_source_probe_s = interval_s
-    return True
+    return after_push_start_load_kv("_pd_serve_source_probe_s", interval_s, kick)
 
 
 def _awaited(worker) -> dict[str, Source]:

@@ -80,3 +80,48 @@ def test_probe_tells_a_listener_from_a_closed_port():
         port = listener.getsockname()[1]
         assert probe_side_channel(("127.0.0.1", port)) is Probe.ALIVE
     assert probe_side_channel(("127.0.0.1", port)) is Probe.REFUSED
+
+
+def test_the_plugin_fails_the_receive_of_kv_awaited_from_a_closed_port(monkeypatch):
+    """The engine-process plugin, applied from the environment, over vLLM's real push worker
+    class with a stand-in ``start_load_kv`` (restored after the test): a request awaited from
+    a side channel nothing listens on becomes a failed receive in vLLM's queue for them, one
+    awaited from a live one does not."""
+    import queue
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import (
+        NixlPushConnectorWorker,
+    )
+
+    from app import engine_process
+
+    monkeypatch.setattr(NixlPushConnectorWorker, "start_load_kv", lambda self, metadata: None)
+    monkeypatch.setattr(NixlPushConnectorWorker, "_pd_serve_source_probe_s", None,
+                        raising=False)
+    monkeypatch.setenv(engine_process.PUSH_SOURCE_PROBE_ENV, "0.05")
+    engine_process.setup_engine_process()
+    with socket.socket() as live, socket.socket() as closed:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        worker = NixlPushConnectorWorker.__new__(NixlPushConnectorWorker)
+        worker._recving_metadata = {
+            "gone": SimpleNamespace(remote=SimpleNamespace(host="127.0.0.1",
+                                                           port=closed.getsockname()[1])),
+            "alive": SimpleNamespace(remote=SimpleNamespace(host="127.0.0.1",
+                                                            port=live.getsockname()[1]))}
+        worker._recving_transfers = {}
+        worker._failed_recv_reqs = queue.Queue()
+        worker._push_writer_wake = threading.Event()
+        worker._push_writer_stop = threading.Event()
+        try:
+            worker.start_load_kv("step")
+            assert worker._failed_recv_reqs.get(timeout=10) == "gone"
+            time.sleep(0.3)  # several more probes of both
+            assert worker._failed_recv_reqs.empty()
+        finally:
+            worker._push_writer_stop.set()
+            worker._pd_source_watch_thread.join(timeout=5)
