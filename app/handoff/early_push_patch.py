@@ -2,14 +2,16 @@
 
 Scheduler side (``NixlPushConnectorScheduler``, prefill engine core): pushed prefill requests
 are watched from their admission; each step's connector metadata carries
-``pd_early_push``, {request id: (block ids, tokens ready, prompt length) or None when the
-request ended without a final WRITE}.
+``pd_early_push``, {request id: (block ids, tokens ready, prompt length, finishing) or None
+when the request ended without a final WRITE}.
 
 Worker side (``NixlPushConnectorWorker``): the engine thread hands those to vLLM's push
 writer thread through its own deferred-push queue (so every NIXL WRITE stays on that thread),
 marked by :data:`EARLY`; the writer WRITEs newly finished blocks as soon as decode's
 registration for the request is there and the handshake to decode is done, and again when a
-registration arrives. vLLM's final WRITE then moves the rest.
+registration arrives. vLLM's final WRITE then moves the rest; when completing early, the
+writer has already moved everything with the notification for a finishing request, and
+vLLM's final WRITE only hands those WRITEs' handles to vLLM's own completion tracking.
 
 Supported where the block layouts are the simple ones: CPU KV caches (the engine's forward
 pass has ended when the worker reads the step's metadata; on a GPU the previous step's
