@@ -447,6 +447,12 @@ class AppConfig(_Strict):
             return self.handoff.push_source_probe_s
         return None
 
+    def push_refusals(self, role: str) -> bool:
+        """Whether an engine of ``role`` takes part in push refusals (a registration that
+        came after prefill let the KV go is refused; decode computes the prompt): both
+        engines under push (app/handoff/push_refusal.py)."""
+        return role in ("prefill", "decode") and self.push_transfer
+
     def push_early_blocks(self, role: str) -> bool:
         """Whether an engine of ``role`` WRITEs finished KV blocks before its prefill ends."""
         return role == "prefill" and self.push_transfer and self.handoff.push_early_blocks

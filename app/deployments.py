@@ -22,6 +22,7 @@ from app.config import AppConfig, PhaseConfig, parse_core_spec
 from app.cpu_pinning import describe_affinity, engine_pids, pin_process_tree
 from app.diagnostics import heap_report
 from app.engine_clients import HandleEngineClient, LocalEngineClient, prefill_client
+from app.engine_dtype import engine_dtype_args
 from app.engine_host import EngineHost
 from app.engine_process import (
     KV_EVENTS_BIND_ENV,
@@ -32,6 +33,7 @@ from app.engine_process import (
     PUSH_COMPLETE_EARLY_ENV,
     PUSH_EARLY_BLOCKS_ENV,
     PUSH_NOTIF_POLL_ENV,
+    PUSH_REFUSALS_ENV,
     PUSH_SOURCE_PROBE_ENV,
     SHM_BUSY_LOOP_ENV,
     setup_engine_process,
@@ -78,6 +80,7 @@ class EngineServer:
         setup_engine_process()
         kv_device = _kv_buffer_device(cfg.nixl.kv_buffer_device)
         engine_kwargs = cfg.engine_kwargs(self.role, kv_device)
+        engine_kwargs.update(engine_dtype_args(engine_kwargs))
         self.kv_router = cfg.routing.policy == "kv"
         self._metadata: dict[str, Any] = {"role": self.role}
         if self.kv_router:
@@ -136,6 +139,7 @@ class EngineServer:
         env[PUSH_EARLY_BLOCKS_ENV] = "1" if cfg.push_early_blocks(self.role) else "0"
         env[PUSH_COMPLETE_EARLY_ENV] = "1" if cfg.push_complete_early(self.role) else "0"
         _set_env(env, PUSH_SOURCE_PROBE_ENV, cfg.push_source_probe_s(self.role))
+        env[PUSH_REFUSALS_ENV] = "1" if cfg.push_refusals(self.role) else "0"
         env[KV_READY_AT_ONCE_ENV] = "1" if cfg.kv_ready_at_once(self.role) else "0"
         if cfg.nixl.side_channel_host:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = cfg.nixl.side_channel_host

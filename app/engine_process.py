@@ -67,6 +67,7 @@ PUSH_NOTIF_POLL_ENV = "PD_PUSH_NOTIF_POLL_S"
 PUSH_EARLY_BLOCKS_ENV = "PD_PUSH_EARLY_BLOCKS"
 PUSH_SOURCE_PROBE_ENV = "PD_PUSH_SOURCE_PROBE_S"
 PUSH_COMPLETE_EARLY_ENV = "PD_PUSH_COMPLETE_EARLY"
+PUSH_REFUSALS_ENV = "PD_PUSH_REFUSALS"
 KV_READY_AT_ONCE_ENV = "PD_KV_READY_AT_ONCE"
 _SYS_ARCH_PRCTL = 158
 _ARCH_REQ_XCOMP_PERM = 0x1023
@@ -388,3 +389,7 @@ def setup_engine_process() -> None:
         from app.handoff.push_source_watch_patch import patch_push_source_watch
 
         patch_push_source_watch(float(source_probe))
+    if os.environ.get(PUSH_REFUSALS_ENV) == "1":  # after early push: it sees its marks first
+        from app.handoff.push_refusal_patch import patch_push_refusals
+
+        patch_push_refusals()

@@ -62,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.config import READER_PROGRESS_DELAY_US  # noqa: E402
 from app.cpu_pinning import describe_affinity, engine_pids, pin_process_tree  # noqa: E402
+from app.engine_dtype import vllm_cli_dtype_args  # noqa: E402
 from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S  # noqa: E402
 from app.ports import listen_port  # noqa: E402
 from loadtests.envinfo import hardware, hardware_line  # noqa: E402
@@ -216,7 +217,8 @@ def vllm_server_command(args, port: int, core: int, kv_config: dict | None) -> l
            "--model", str(ROOT / args.model_path), "--served-model-name", args.model_name,
            "--host", HOST, "--port", str(port), "--max-model-len", str(args.max_model_len),
            "--block-size", "32", "--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30),
-           "--disable-log-stats", "--uvicorn-log-level", "warning"]
+           "--disable-log-stats", "--uvicorn-log-level", "warning",
+           *vllm_cli_dtype_args()]  # the app's engines' dtype on this CPU (app/engine_dtype.py)
     if kv_config:
         cmd += ["--kv-transfer-config", json.dumps(kv_config)]
     return cmd

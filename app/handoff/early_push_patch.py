@@ -51,19 +51,16 @@ def patch_push_early_blocks(complete_early: bool = True) -> bool:
         )
     except Exception:  # noqa: BLE001 - not a vLLM process, or a vLLM without push
         return False
-    if getattr(NixlPushConnectorWorker, "_pd_serve_early_push", False):
-        NixlPushConnectorWorker._pd_serve_complete_early = complete_early
-        NixlPushConnectorScheduler._pd_serve_complete_early = complete_early
-        return True
-    from vllm.platforms import current_platform
+    if not getattr(NixlPushConnectorWorker, "_pd_serve_early_push", False):
+        from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():  # see the module docstring: CPU KV caches only
-        return False
-    _patch_scheduler(NixlPushConnectorScheduler)
-    _patch_worker(NixlPushConnectorWorker)
+        if not current_platform.is_cpu():  # see the module docstring: CPU KV caches only
+            return False
+        _patch_scheduler(NixlPushConnectorScheduler)
+        _patch_worker(NixlPushConnectorWorker)
+        NixlPushConnectorWorker._pd_serve_early_push = True
     NixlPushConnectorWorker._pd_serve_complete_early = complete_early
     NixlPushConnectorScheduler._pd_serve_complete_early = complete_early
-    NixlPushConnectorWorker._pd_serve_early_push = True
     return True
 
 

@@ -19,9 +19,11 @@ listener every vLLM NIXL worker keeps open for its life) still accepts connectio
 The requests of a gone engine are then reported as failed receives, through vLLM's own path
 for them: the scheduler frees the blocks of a request that was cancelled meanwhile, and a live
 one recomputes its prompt on decode (``nixl.kv_load_failure_policy: recompute``, the app's
-default). Not detected: a prefill engine that is alive but lost the registration, and an
-engine restarted on the same host and port (vLLM's behaviour, blocks held, then). The vLLM
-wiring is app/handoff/push_source_watch_patch.py; nothing here imports vLLM or Ray.
+default). Not detected here: a prefill engine that is alive but will not WRITE (a
+registration after its lease is refused by prefill itself, app/handoff/push_refusal.py; a
+failed WRITE is not), and an engine restarted on the same host and port (vLLM's behaviour,
+blocks held, then). The vLLM wiring is app/handoff/push_source_watch_patch.py; nothing here
+imports vLLM or Ray.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from collections import Counter
 import httpx
 import pytest
 
+from app.engine_dtype import engine_dtype_args
 from tests.integration.serve_harness import (
     MODEL_NAME,
     app_config,
@@ -36,9 +37,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(150
 APP = "scale"
 UNPINNED = {"cpu_cores": None, "ray_actor_options": {"num_cpus": 0.5},
             "env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}}
-# 16k tokens of decode KV (tiny model: 2 KiB per token): 40 streams of 64 + 500 tokens hold
-# ~12.5k on average (77 %), over the 60 % the policy plans for; a prompt burst holds ~20 %.
-DECODE_KV_BYTES = 32 * 1024 * 1024
+# 16k tokens of decode KV (tiny model: 1,024 values per token, 2 bytes each in bf16, 4 in the
+# float32 the app picks on CPUs without native bf16, app/engine_dtype.py): 40 streams of
+# 64 + 500 tokens hold ~12.5k on average (77 %), over the 60 % the policy plans for; a prompt
+# burst holds ~20 %.
+DECODE_KV_BYTES = 16 * 1024 * 1024 * (4 if engine_dtype_args({}) else 2)
 AUTOSCALING = {
     "enabled": True,
     "profile": "cpu-tiny-llama",

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.engine_dtype import vllm_cli_dtype_args
 from app.ports import listen_port
 from loadtests.prompts import TokenSpace
 from loadtests.servers import start_logged, stop_process_group, wait_ready
@@ -48,6 +49,7 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--model", str(MODEL), "--served-model-name", SERVED,
         "--host", "127.0.0.1", "--port", str(port),
         "--max-model-len", "2048", "--block-size", "32",
+        *vllm_cli_dtype_args(),  # float32 on CPUs without native bf16 (app/engine_dtype.py)
         *os.environ.get("LOADTESTS_TEST_VLLM_ARGS", "").split(),
     ]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_HOST_IP="127.0.0.1")

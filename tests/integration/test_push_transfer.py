@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 FLOAT32 = {"dtype": "float32"}
 PREFILL_CHUNK = 2 * BLOCK_SIZE  # prefill's max_num_batched_tokens: prompts run in chunks
+LEASE_S = 6  # prefill keeps a finished request's KV this long for decode (vLLM: 30 s)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,7 @@ def urls():
                                    "max_num_seqs": PREFILL_CHUNK}}
         deploy(app_config("disaggregated", engine_args={**base_args, **FLOAT32},
                           handoff={"transfer": "push"},
+                          nixl={**app_config("disaggregated")["nixl"], "kv_lease_s": LEASE_S},
                           prefill={**app_config("disaggregated")["prefill"], **chunked}),
                "push", "/push")
         deploy(app_config("aggregated", engine_args={**base_args, **FLOAT32}), "agg", "/agg")
@@ -198,7 +200,8 @@ def test_push_settings_reach_the_engine_processes_of_their_side(urls):
     """The engine-process plugin reads its settings from the environment the engines
     inherit: decode (the WRITE's target, told by a notification) polls for notifications,
     runs a request as soon as its KV is in and watches that its prefill engine is still
-    there, prefill (the writer) WRITEs finished blocks early."""
+    there, prefill (the writer) WRITEs finished blocks early, and both take part in push
+    refusals."""
     import psutil
 
     from app.engine_process import (
@@ -206,6 +209,7 @@ def test_push_settings_reach_the_engine_processes_of_their_side(urls):
         PUSH_COMPLETE_EARLY_ENV,
         PUSH_EARLY_BLOCKS_ENV,
         PUSH_NOTIF_POLL_ENV,
+        PUSH_REFUSALS_ENV,
         PUSH_SOURCE_PROBE_ENV,
     )
 
@@ -221,6 +225,55 @@ def test_push_settings_reach_the_engine_processes_of_their_side(urls):
         assert {e.get(PUSH_COMPLETE_EARLY_ENV) for e in envs} == complete, deployment
         assert {e.get(KV_READY_AT_ONCE_ENV) for e in envs} == at_once, deployment
         assert {e.get(PUSH_SOURCE_PROBE_ENV) for e in envs} == probe, deployment
+        assert {e.get(PUSH_REFUSALS_ENV) for e in envs} == {"1"}, deployment
+
+
+def test_a_registration_after_prefill_let_the_kv_go_is_refused(urls):
+    """Decode admits the leg only after prefill's KV lease ran out (its engine is stopped
+    meanwhile), so prefill has let the blocks go when the registration comes. vLLM kept such
+    a registration and decode waited for a WRITE that could not come: this whole request
+    hung and decode's blocks stayed held (measured with the refusal off: no answer in the
+    wait below). Prefill now refuses it (app/handoff/push_refusal.py) and decode computes
+    the prompt itself: the answer is the aggregated app's, and both engines end idle."""
+    import os
+    import signal
+
+    def idle(name):
+        return engine_stats("push", name)["kv_cache_usage"] == 0
+
+    route, events = _stream(urls["push"], "/v1/completions", _body(70, 60, 4))
+    assert route == "disaggregated" and len(_tokens(events)) == 4  # handshakes done
+    wait_until(lambda: idle("DecodeServer") and idle("PrefillServer"), 60, what="idle engines")
+    body = {k: v for k, v in _body(71, 120, 8).items() if k != "stream_options"}
+    with client(urls["agg"]) as c:
+        agg = c.post("/v1/completions", json=body)
+    assert agg.status_code == 200, agg.text
+    before_p = engine_stats("push", "PrefillServer")
+    pids = [int(p) for p in engine_stats("push", "DecodeServer")["affinity"]]
+    assert pids, "the decode replica reported no engine processes"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            def post():
+                with client(urls["push"]) as c:
+                    return c.post("/v1/completions", json=body)
+            answer = pool.submit(post)
+
+            def prefilled_and_let_go():  # prefill ran it, held its KV, and its lease ran out
+                p = engine_stats("push", "PrefillServer")
+                return (p["prompt_tokens_computed"] > before_p["prompt_tokens_computed"]
+                        and p["kv_cache_usage"] == 0)
+            wait_until(prefilled_and_let_go, LEASE_S + 60, interval=0.2,
+                       what="prefill to let the unclaimed KV go")
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        r = answer.result(timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == agg.json()["choices"][0]["text"]
+    wait_until(lambda: idle("DecodeServer") and idle("PrefillServer"), 60,
+               what="both engines to hold no blocks after the refused push")
 
 
 def test_a_prefill_engine_gone_mid_push_frees_decode_blocks(urls):

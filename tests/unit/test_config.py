@@ -258,6 +258,16 @@ def test_only_a_push_decode_engine_watches_the_source_of_its_kv():
             {**base, "handoff": {"transfer": "push", "push_source_probe_s": 0}})
 
 
+def test_both_engines_take_part_in_push_refusals_under_push_only():
+    """Prefill refuses a too-late registration, decode reads the refusal: both or neither."""
+    base = {"model": {"path": "/m", "served_model_name": "m"}}
+    push = AppConfig.model_validate({**base, "handoff": {"transfer": "push"}})
+    assert push.push_refusals("prefill") and push.push_refusals("decode")
+    assert not push.push_refusals("aggregated")
+    pull = AppConfig.model_validate(base)
+    assert not pull.push_refusals("prefill") and not pull.push_refusals("decode")
+
+
 def test_only_decode_engines_skip_the_idle_sleep_once_kv_is_in():
     base = {"model": {"path": "/m", "served_model_name": "m"}}
     for transfer in ("pull", "push"):
