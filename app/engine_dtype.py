@@ -5,10 +5,10 @@ AVX512-BF16 or AMX computes that natively; one without (AVX2 only, or AVX-512 wi
 extension) converts every operand. Measured on an AVX2-only AMD EPYC (2 cores, tiny model,
 200-token prompts, ``bench/serving_overhead.py --setups aggregated --concurrency 1``, 16
 requests each, 2026-12-07): TTFT p50 **256 ms in bf16 vs 52 ms in float32** (TPOT 7.97 vs
-7.86 ms); torch's own bf16 matmul was ~140x slower than float32 there. The whole test suite
-ran past CI's limit on that machine in bf16. So on such CPUs the app runs its engines in
-float32 unless ``engine_args`` (or the phase's) name a ``dtype``. The KV cache is then float32
-too: twice the bytes per token, in the cache and on the wire.
+7.86 ms); torch's own bf16 matmul was ~140x slower than float32 there, and the test suite
+was on course to run past CI's limit on that machine in bf16. So on such CPUs the app runs
+its engines in float32 unless ``engine_args`` (or the phase's) name a ``dtype``. The KV cache
+is then float32 too: twice the bytes per token, in the cache and on the wire.
 
 Prefill and decode must agree on the dtype (NIXL moves raw KV blocks): engines on CPUs of
 different kinds should set ``dtype`` explicitly. GPUs are left alone.
