@@ -228,29 +228,33 @@ def test_push_settings_reach_the_engine_processes_of_their_side(urls):
         assert {e.get(PUSH_REFUSALS_ENV) for e in envs} == {"1"}, deployment
 
 
-def test_a_registration_after_prefill_let_the_kv_go_is_refused(urls):
-    """Decode admits the leg only after prefill's KV lease ran out (its engine is stopped
-    meanwhile), so prefill has let the blocks go when the registration comes. vLLM kept such
-    a registration and decode waited for a WRITE that could not come: this whole request
-    hung and decode's blocks stayed held (measured with the refusal off: no answer in the
-    wait below). Prefill now refuses it (app/handoff/push_refusal.py) and decode computes
-    the prompt itself: the answer is the aggregated app's, and both engines end idle."""
-    import os
-    import signal
+def _idle(name: str) -> bool:
+    return engine_stats("push", name)["kv_cache_usage"] == 0
 
-    def idle(name):
-        return engine_stats("push", name)["kv_cache_usage"] == 0
 
-    route, events = _stream(urls["push"], "/v1/completions", _body(70, 60, 4))
-    assert route == "disaggregated" and len(_tokens(events)) == 4  # handshakes done
-    wait_until(lambda: idle("DecodeServer") and idle("PrefillServer"), 60, what="idle engines")
-    body = {k: v for k, v in _body(71, 120, 8).items() if k != "stream_options"}
+def _whole_request(urls, warm_seed: int, seed: int, words: int) -> tuple[dict, str]:
+    """After a push that opens the NIXL handshakes both ways, with both engines idle: a whole
+    (non-streamed) request's body and the aggregated app's text for it."""
+    route, events = _stream(urls["push"], "/v1/completions", _body(warm_seed, 60, 4))
+    assert route == "disaggregated" and len(_tokens(events)) == 4
+    wait_until(lambda: _idle("DecodeServer") and _idle("PrefillServer"), 60,
+               what="idle engines")
+    body = {k: v for k, v in _body(seed, words, 8).items() if k != "stream_options"}
     with client(urls["agg"]) as c:
         agg = c.post("/v1/completions", json=body)
     assert agg.status_code == 200, agg.text
-    before_p = engine_stats("push", "PrefillServer")
-    pids = [int(p) for p in engine_stats("push", "DecodeServer")["affinity"]]
-    assert pids, "the decode replica reported no engine processes"
+    return body, agg.json()["choices"][0]["text"]
+
+
+def _post_with_engines_stopped(urls, deployment: str, body: dict, meanwhile, release: int,
+                               timeout: float):
+    """POST ``body`` to the push app while ``deployment``'s engine processes are stopped
+    (SIGSTOP); ``meanwhile()`` runs, then they get ``release`` (SIGCONT, SIGKILL)."""
+    import os
+    import signal
+
+    pids = [int(p) for p in engine_stats("push", deployment)["affinity"]]
+    assert pids, f"{deployment} reported no engine processes"
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -259,20 +263,37 @@ def test_a_registration_after_prefill_let_the_kv_go_is_refused(urls):
                 with client(urls["push"]) as c:
                     return c.post("/v1/completions", json=body)
             answer = pool.submit(post)
-
-            def prefilled_and_let_go():  # prefill ran it, held its KV, and its lease ran out
-                p = engine_stats("push", "PrefillServer")
-                return (p["prompt_tokens_computed"] > before_p["prompt_tokens_computed"]
-                        and p["kv_cache_usage"] == 0)
-            wait_until(prefilled_and_let_go, LEASE_S + 60, interval=0.2,
-                       what="prefill to let the unclaimed KV go")
+            meanwhile()
         finally:
             for pid in pids:
-                os.kill(pid, signal.SIGCONT)
-        r = answer.result(timeout=120)
+                os.kill(pid, release)
+        return answer.result(timeout=timeout)
+
+
+def test_a_registration_after_prefill_let_the_kv_go_is_refused(urls):
+    """Decode admits the leg only after prefill's KV lease ran out (its engine is stopped
+    meanwhile), so prefill has let the blocks go when the registration comes. vLLM kept such
+    a registration and decode waited for a WRITE that could not come: this whole request
+    hung and decode's blocks stayed held (measured before the fix: no answer within the
+    client's 120 s). Prefill now refuses it (app/handoff/push_refusal.py) and decode
+    computes the prompt itself: the answer is the aggregated app's, both engines end idle."""
+    import signal
+
+    body, expected = _whole_request(urls, 70, 71, 120)
+    before_p = engine_stats("push", "PrefillServer")
+
+    def prefilled_and_let_go():  # prefill ran it, held its KV, and its lease ran out
+        p = engine_stats("push", "PrefillServer")
+        return (p["prompt_tokens_computed"] > before_p["prompt_tokens_computed"]
+                and p["kv_cache_usage"] == 0)
+
+    r = _post_with_engines_stopped(
+        urls, "DecodeServer", body, lambda: wait_until(
+            prefilled_and_let_go, LEASE_S + 60, interval=0.2,
+            what="prefill to let the unclaimed KV go"), signal.SIGCONT, timeout=120)
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["text"] == agg.json()["choices"][0]["text"]
-    wait_until(lambda: idle("DecodeServer") and idle("PrefillServer"), 60,
+    assert r.json()["choices"][0]["text"] == expected
+    wait_until(lambda: _idle("DecodeServer") and _idle("PrefillServer"), 60,
                what="both engines to hold no blocks after the refused push")
 
 
@@ -288,42 +309,20 @@ def test_a_prefill_engine_gone_mid_push_frees_decode_blocks(urls):
 
     The prefill engine is stopped (SIGSTOP) before the request, so its WRITE cannot come
     whatever the timing, and killed once decode holds the leg's blocks."""
-    import os
     import signal
 
-    def idle(name):
-        return engine_stats("push", name)["kv_cache_usage"] == 0
+    body, expected = _whole_request(urls, 60, 61, 300)
 
-    # a push first, so decode has completed its NIXL handshake with this prefill engine
-    route, events = _stream(urls["push"], "/v1/completions", _body(60, 60, 4))
-    assert route == "disaggregated" and len(_tokens(events)) == 4
-    wait_until(lambda: idle("DecodeServer") and idle("PrefillServer"), 60, what="idle engines")
-    body = {k: v for k, v in _body(61, 300, 8).items() if k != "stream_options"}
-    with client(urls["agg"]) as c:
-        agg = c.post("/v1/completions", json=body)
-    assert agg.status_code == 200, agg.text
-    expected = agg.json()["choices"][0]["text"]
-    pids = [int(p) for p in engine_stats("push", "PrefillServer")["affinity"]]
-    assert pids, "the prefill replica reported no engine processes"
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        try:
-            def post():
-                with client(urls["push"]) as c:
-                    return c.post("/v1/completions", json=body)
-            answer = pool.submit(post)
+    def waiting_for_kv():
+        d = engine_stats("push", "DecodeServer")
+        return d["kv_cache_usage"] > 0 and d["num_running_reqs"] == 0
 
-            def waiting_for_kv():
-                d = engine_stats("push", "DecodeServer")
-                return d["kv_cache_usage"] > 0 and d["num_running_reqs"] == 0
-            wait_until(waiting_for_kv, 60, interval=0.05, what="the pushed leg on decode")
-        finally:
-            for pid in pids:
-                os.kill(pid, signal.SIGKILL)
-        r = answer.result(timeout=300)
+    r = _post_with_engines_stopped(
+        urls, "PrefillServer", body, lambda: wait_until(
+            waiting_for_kv, 60, interval=0.05, what="the pushed leg on decode"),
+        signal.SIGKILL, timeout=300)
     assert r.status_code == 200, r.text
     assert r.headers["x-pd-route"] == "fallback"
     assert r.json()["choices"][0]["text"] == expected
-    wait_until(lambda: idle("DecodeServer"), 60,
+    wait_until(lambda: _idle("DecodeServer"), 60,
                what="decode to free the blocks of the push whose prefill engine died")
