@@ -139,7 +139,7 @@ class EngineServer:
         env[PUSH_EARLY_BLOCKS_ENV] = "1" if cfg.push_early_blocks(self.role) else "0"
         env[PUSH_COMPLETE_EARLY_ENV] = "1" if cfg.push_complete_early(self.role) else "0"
         _set_env(env, PUSH_SOURCE_PROBE_ENV, cfg.push_source_probe_s(self.role))
-        env[PUSH_REFUSALS_ENV] = "1" if cfg.push_refusals(self.role) else "0"
+        env[PUSH_REFUSALS_ENV] = self.role if cfg.push_refusals(self.role) else ""
         env[KV_READY_AT_ONCE_ENV] = "1" if cfg.kv_ready_at_once(self.role) else "0"
         if cfg.nixl.side_channel_host:
             env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = cfg.nixl.side_channel_host

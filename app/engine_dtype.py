@@ -23,7 +23,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles)."""
     import torch

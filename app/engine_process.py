@@ -389,7 +389,8 @@ def setup_engine_process() -> None:
         from app.handoff.push_source_watch_patch import patch_push_source_watch
 
         patch_push_source_watch(float(source_probe))
-    if os.environ.get(PUSH_REFUSALS_ENV) == "1":  # after early push: it sees its marks first
+    refusal_side = os.environ.get(PUSH_REFUSALS_ENV)
+    if refusal_side in ("prefill", "decode"):  # after early push: it sees its marks first
         from app.handoff.push_refusal_patch import patch_push_refusals
 
-        patch_push_refusals()
+        patch_push_refusals(refusal_side)

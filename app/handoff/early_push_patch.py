@@ -25,9 +25,8 @@ from __future__ import annotations
 import logging
 import time
 
-import msgspec
-
 from app.handoff.early_push import EarlyPushBook, PrefillProgress
+from app.handoff.push_notifs import registration, same_request
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +165,11 @@ def _supported(worker) -> bool:
 
 def _registration(worker, req_id: str):
     """Decode's registration for prefill request ``req_id``, left in place for vLLM's match."""
-    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.utils import (
-        get_base_request_id,
-    )
-
     regs = worker._pending_d_registrations
     if req_id in regs:
         return regs[req_id]
-    base = get_base_request_id(req_id)
     for reg_id, reg in list(regs.items()):
-        if get_base_request_id(reg_id) == base:
+        if same_request(reg_id, req_id):
             return reg
     return None
 
@@ -361,20 +355,11 @@ def _patch_worker(cls) -> None:
         book = self.__dict__.get("_pd_early_book")
         if not book or not book.ids():
             return
-        try:
-            from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
-                PUSH_REG_NOTIF_PREFIX,
-            )
-            from vllm.distributed.kv_transfer.kv_connector.v1.nixl.utils import (
-                get_base_request_id,
-            )
-
-            rid = msgspec.msgpack.decode(notif[len(PUSH_REG_NOTIF_PREFIX):])["request_id"]
-        except Exception:  # noqa: BLE001 - vLLM logged the bad notification already
+        reg = registration(notif)
+        if reg is None:
             return
-        base = get_base_request_id(rid)
         for req_id in book.ids():
-            if req_id == rid or get_base_request_id(req_id) == base:
+            if same_request(req_id, reg["request_id"]):
                 _send_ready(self, req_id)
 
     cls.start_load_kv = start_load_kv_early

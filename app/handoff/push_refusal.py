@@ -27,11 +27,12 @@ The vLLM wiring is app/handoff/push_refusal_patch.py; nothing here imports vLLM 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 # Not vLLM's PUSH_REG prefix, and not of the "<request id>:<tp>" shape of its completion
 # notifications (which would parse "pd-serve-no-kv" as a TP size and fail).
 REFUSAL_PREFIX = b"pd-serve-no-kv|"
-LET_GO_REMEMBERED = 4096
+REMEMBERED = 4096  # let-go requests, and started pushes, a prefill engine keeps
 
 
 def refusal(decode_request_id: str) -> bytes:
@@ -46,26 +47,31 @@ def refused_request(notif: bytes) -> str | None:
     return notif[len(REFUSAL_PREFIX):].decode(errors="replace") or None
 
 
-class LetGo:
-    """The base ids of the last ``size`` requests whose blocks a prefill engine let go.
+class Recent:
+    """The last ``size`` keys remembered, each with a value; the oldest are forgotten first.
 
-    Base ids (vLLM's request id without its random suffix) are what registrations are
-    matched on. Bounded: a registration later than ``size`` let-go requests is kept as vLLM
-    keeps it (decode's source watch and the front's deadline are what is left then).
+    Prefill keeps two such books: the base ids (vLLM's request id without its random suffix,
+    what registrations are matched on) of requests whose blocks it let go, and the
+    registrations of pushes it started (for a refusal if their WRITE fails). Bounded: a
+    registration later than ``size`` let-go requests is kept as vLLM keeps it (decode's
+    source watch and the front's deadline are what is left then).
     """
 
-    def __init__(self, size: int = LET_GO_REMEMBERED):
+    def __init__(self, size: int = REMEMBERED):
         self.size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._items: OrderedDict[str, Any] = OrderedDict()
 
-    def remember(self, base_id: str) -> None:
-        self._ids[base_id] = None
-        self._ids.move_to_end(base_id)
-        while len(self._ids) > self.size:
-            self._ids.popitem(last=False)
+    def remember(self, key: str, value: Any = None) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
 
-    def __contains__(self, base_id: object) -> bool:
-        return base_id in self._ids
+    def pop(self, key: str, default: Any = None) -> Any:
+        return self._items.pop(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._items)

@@ -1,5 +1,5 @@
 """vLLM wiring of push refusals (app/handoff/push_refusal.py), applied by the engine-process
-plugin on both engines under push.
+plugin on both engines under push, each with its own side.
 
 Prefill side, all on vLLM's push writer thread (which owns the registrations and NIXL
 notifications there): the requests the worker reports done sending (a push ended, a lease
@@ -25,22 +25,22 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
 
-from app.handoff.push_refusal import LetGo, refusal, refused_request
+from app.handoff.push_notifs import base_request_id, registration, same_request
+from app.handoff.push_refusal import Recent, refusal, refused_request
 
 log = logging.getLogger(__name__)
 
 LET_GO = object()  # marks "prefill let go of this request's blocks" in the deferred queue
 REFUSE = object()  # ... "refuse this registration" (a connection to decode just came up)
 WRITE_FAILED = object()  # ... "this request's push ended with a failed WRITE"
-PUSHED_REMEMBERED = 4096  # registrations of started pushes kept for a failed WRITE's refusal
 LATE_READ_S = 0.1  # how often an idle prefill reads notifications after unclaimed KV ...
 LATE_WATCH_S = 600.0  # ... and for how long (a busy one reads them at every engine step)
 
 
-def patch_push_refusals() -> bool:
-    """Install on vLLM's push worker; idempotent. False where it is absent."""
+def patch_push_refusals(role: str) -> bool:
+    """Install ``role``'s side ("prefill" or "decode") on vLLM's push worker; idempotent.
+    False where it is absent."""
     try:
         from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import (
             NixlPushConnectorWorker,
@@ -48,11 +48,22 @@ def patch_push_refusals() -> bool:
     except Exception:  # noqa: BLE001 - not a vLLM process, or a vLLM without push
         return False
     cls = NixlPushConnectorWorker
-    if getattr(cls, "_pd_serve_refusals", False):
+    flag = f"_pd_serve_refusals_{role}"
+    if getattr(cls, flag, False):
         return True
+    if role == "prefill":
+        _patch_prefill(cls)
+    elif role == "decode":
+        _patch_decode(cls)
+    else:
+        raise ValueError(f"push refusals: no side for role {role!r}")
+    setattr(cls, flag, True)
+    return True
+
+
+def _patch_prefill(cls) -> None:
     results, do_start = cls.get_transfer_results, cls._do_start_push_kv
-    on_reg, new_notifs = cls._handle_push_reg_notif, cls._get_new_notifs
-    pop_done = cls._pop_done_transfers
+    on_reg, pop_done = cls._handle_push_reg_notif, cls._pop_done_transfers
 
     def get_transfer_results(self):
         out = results(self)
@@ -74,78 +85,58 @@ def patch_push_refusals() -> bool:
         elif registration_data is REFUSE:
             _refuse(self, *local_block_ids)
         elif registration_data is WRITE_FAILED:
-            reg = _pushed(self).pop(request_id, None)
+            reg = _pushed(self).pop(request_id)
             if reg is not None:
                 _refuse(self, reg, "its WRITE failed")
         else:
             if isinstance(registration_data, dict):  # a push starts: kept for a failure
-                pushed = _pushed(self)
-                pushed[request_id] = registration_data
-                while len(pushed) > PUSHED_REMEMBERED:
-                    pushed.popitem(last=False)
+                _pushed(self).remember(request_id, registration_data)
             return do_start(self, request_id, local_block_ids, registration_data)
         return None
 
     def handle_push_reg_notif(self, notif):
-        reg = _registration(notif)
+        reg = registration(notif)
         if reg is not None and _too_late(self, reg["request_id"]):
             _refuse(self, reg)
             return
         on_reg(self, notif)
 
+    cls.get_transfer_results = get_transfer_results
+    cls._do_start_push_kv = do_start_push_kv
+    cls._handle_push_reg_notif = handle_push_reg_notif
+    cls._pop_done_transfers = pop_done_transfers
+
+
+def _patch_decode(cls) -> None:
+    new_notifs = cls._get_new_notifs
+
     def get_new_notifs(self):
         _take_refusals(self)
         return new_notifs(self)
 
-    cls.get_transfer_results = get_transfer_results
-    cls._do_start_push_kv = do_start_push_kv
-    cls._handle_push_reg_notif = handle_push_reg_notif
     cls._get_new_notifs = get_new_notifs
-    cls._pop_done_transfers = pop_done_transfers
-    cls._pd_serve_refusals = True
-    return True
 
 
-def _base(request_id: str) -> str:
-    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.utils import get_base_request_id
-
-    return get_base_request_id(request_id)
-
-
-def _let_go_ids(worker) -> LetGo:
+def _let_go_ids(worker) -> Recent:
+    """Writer thread: the base ids of the requests whose blocks this prefill let go."""
     book = worker.__dict__.get("_pd_serve_let_go")
     if book is None:
-        book = worker._pd_serve_let_go = LetGo()
+        book = worker._pd_serve_let_go = Recent()
     return book
-
-
-def _registration(notif: bytes) -> dict | None:
-    import msgspec
-    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
-        PUSH_REG_NOTIF_PREFIX,
-    )
-
-    try:
-        reg = msgspec.msgpack.decode(notif[len(PUSH_REG_NOTIF_PREFIX):])
-    except Exception:  # noqa: BLE001 - vLLM logs the bad notification itself
-        return None
-    return reg if isinstance(reg, dict) and isinstance(reg.get("request_id"), str) else None
 
 
 def _too_late(worker, request_id: str) -> bool:
     """The request's blocks were let go and none are waiting for a registration."""
-    base = _base(request_id)
-    if base not in _let_go_ids(worker):
+    if base_request_id(request_id) not in _let_go_ids(worker):
         return False
-    return not any(fin == request_id or _base(fin) == base
-                   for fin in worker._push_finished_blocks)
+    return not any(same_request(fin, request_id) for fin in worker._push_finished_blocks)
 
 
-def _pushed(worker) -> OrderedDict:
+def _pushed(worker) -> Recent:
     """Writer thread: the registrations of pushes started, by prefill's request id."""
     pushed = worker.__dict__.get("_pd_serve_pushed")
     if pushed is None:
-        pushed = worker._pd_serve_pushed = OrderedDict()
+        pushed = worker._pd_serve_pushed = Recent()
     return pushed
 
 
@@ -165,8 +156,8 @@ def _note_failed_writes(worker, done: set, failed: set) -> None:
 
 def _let_go(worker, request_id: str) -> None:
     """Writer thread: remember the request, refuse a registration already kept for it."""
-    _let_go_ids(worker).remember(_base(request_id))
-    pushed = _pushed(worker).pop(request_id, None)
+    _let_go_ids(worker).remember(base_request_id(request_id))
+    pushed = _pushed(worker).pop(request_id)
     reg = worker._pop_matching_registration(request_id)
     if reg is not None:
         _refuse(worker, reg)

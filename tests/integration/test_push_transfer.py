@@ -200,8 +200,8 @@ def test_push_settings_reach_the_engine_processes_of_their_side(urls):
     """The engine-process plugin reads its settings from the environment the engines
     inherit: decode (the WRITE's target, told by a notification) polls for notifications,
     runs a request as soon as its KV is in and watches that its prefill engine is still
-    there, prefill (the writer) WRITEs finished blocks early, and both take part in push
-    refusals."""
+    there, prefill (the writer) WRITEs finished blocks early, and each takes its side of push
+    refusals (prefill refuses, decode reads refusals)."""
     import psutil
 
     from app.engine_process import (
@@ -213,9 +213,9 @@ def test_push_settings_reach_the_engine_processes_of_their_side(urls):
         PUSH_SOURCE_PROBE_ENV,
     )
 
-    for deployment, poll, early, at_once, probe in (
-            ("DecodeServer", {"0.0005"}, {"0"}, {"1"}, {"1.0"}),
-            ("PrefillServer", {None}, {"1"}, {"0"}, {None})):
+    for deployment, poll, early, at_once, probe, refusals in (
+            ("DecodeServer", {"0.0005"}, {"0"}, {"1"}, {"1.0"}, {"decode"}),
+            ("PrefillServer", {None}, {"1"}, {"0"}, {None}, {"prefill"})):
         complete = early
         pids = engine_stats("push", deployment)["affinity"]
         assert pids, f"{deployment} reported no engine processes"
@@ -225,7 +225,7 @@ def test_push_settings_reach_the_engine_processes_of_their_side(urls):
         assert {e.get(PUSH_COMPLETE_EARLY_ENV) for e in envs} == complete, deployment
         assert {e.get(KV_READY_AT_ONCE_ENV) for e in envs} == at_once, deployment
         assert {e.get(PUSH_SOURCE_PROBE_ENV) for e in envs} == probe, deployment
-        assert {e.get(PUSH_REFUSALS_ENV) for e in envs} == {"1"}, deployment
+        assert {e.get(PUSH_REFUSALS_ENV) for e in envs} == refusals, deployment
 
 
 def _idle(name: str) -> bool:

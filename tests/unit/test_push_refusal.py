@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import msgspec
 import pytest
 
-from app.handoff.push_refusal import REFUSAL_PREFIX, LetGo, refusal, refused_request
+from app.handoff.push_refusal import REFUSAL_PREFIX, Recent, refusal, refused_request
 
 
 def test_a_refusal_names_decode_request_and_no_other_notification_reads_as_one():
@@ -23,11 +23,13 @@ def test_a_refusal_names_decode_request_and_no_other_notification_reads_as_one()
         assert refused_request(other) is None
 
 
-def test_let_go_remembers_the_last_requests_only():
-    book = LetGo(size=2)
-    for base in ("a", "b", "a", "c"):
-        book.remember(base)
+def test_recent_remembers_the_last_keys_only_with_their_values():
+    book = Recent(size=2)
+    for key, value in (("a", 1), ("b", 2), ("a", 3), ("c", 4)):
+        book.remember(key, value)
     assert "a" in book and "c" in book and "b" not in book and len(book) == 2
+    assert book.pop("a") == 3 and book.pop("a") is None and book.pop("b", "gone") == "gone"
+    assert len(book) == 1
 
 
 class Agent:
@@ -69,10 +71,11 @@ def worker_cls(monkeypatch):
         return set()
 
     monkeypatch.setattr(cls, "_get_new_notifs", drain)
-    monkeypatch.setattr(cls, "_pd_serve_refusals", False, raising=False)
-    monkeypatch.setenv(engine_process.PUSH_REFUSALS_ENV, "1")
-    engine_process.setup_engine_process()
-    assert cls._pd_serve_refusals
+    for side in ("prefill", "decode"):  # one process each in the app; one class here
+        monkeypatch.setattr(cls, f"_pd_serve_refusals_{side}", False, raising=False)
+        monkeypatch.setenv(engine_process.PUSH_REFUSALS_ENV, side)
+        engine_process.setup_engine_process()
+        assert getattr(cls, f"_pd_serve_refusals_{side}")
     calls.workers = []
     yield cls, calls
     for w in calls.workers:  # ends the plugin's threads
@@ -224,3 +227,27 @@ def test_a_push_whose_write_failed_is_refused_once_all_its_writes_ended(worker_c
     w._pop_done_transfers({"x": [1]})
     _writer_runs(w)
     assert len(w.nixl_wrapper.sent) == 1
+
+
+def test_each_engine_installs_its_own_side_only(monkeypatch):
+    """Prefill refuses, decode reads refusals: a decode engine's notification path is left
+    as vLLM's on prefill, and a role without a side is a configuration error."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import (
+        NixlPushConnectorWorker as cls,
+    )
+
+    from app.handoff.push_refusal_patch import patch_push_refusals
+
+    for name in ("get_transfer_results", "_do_start_push_kv", "_handle_push_reg_notif",
+                 "_pop_done_transfers", "_get_new_notifs"):
+        monkeypatch.setattr(cls, name, getattr(cls, name))  # restored after the test
+    for side in ("prefill", "decode"):
+        monkeypatch.setattr(cls, f"_pd_serve_refusals_{side}", False, raising=False)
+    notifs, finished = cls._get_new_notifs, cls.get_transfer_results
+    assert patch_push_refusals("prefill")
+    assert cls._get_new_notifs is notifs and cls.get_transfer_results is not finished
+    prefill_side = cls.get_transfer_results
+    assert patch_push_refusals("decode") and patch_push_refusals("decode")  # idempotent
+    assert cls._get_new_notifs is not notifs and cls.get_transfer_results is prefill_side
+    with pytest.raises(ValueError, match="aggregated"):
+        patch_push_refusals("aggregated")
