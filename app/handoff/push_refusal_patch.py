@@ -228,8 +228,9 @@ def _take_refusals(worker) -> None:
         if req_id is None:
             others.append(notif)
         elif req_id in worker._recving_metadata:
-            log.warning("prefill refused the pushed KV for %s (it came too late for it); "
-                        "decode computes the prompt itself", req_id)
+            log.warning("prefill refused the pushed KV for %s (its lease ran out before "
+                        "the registration came, or its WRITE failed); decode computes the "
+                        "prompt itself", req_id)
             worker._failed_recv_reqs.put(req_id)
     for notif in others:
         pending.put(notif)

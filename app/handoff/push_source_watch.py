@@ -20,10 +20,10 @@ The requests of a gone engine are then reported as failed receives, through vLLM
 for them: the scheduler frees the blocks of a request that was cancelled meanwhile, and a live
 one recomputes its prompt on decode (``nixl.kv_load_failure_policy: recompute``, the app's
 default). Not detected here: a prefill engine that is alive but will not WRITE (a
-registration after its lease is refused by prefill itself, app/handoff/push_refusal.py; a
-failed WRITE is not), and an engine restarted on the same host and port (vLLM's behaviour,
-blocks held, then). The vLLM wiring is app/handoff/push_source_watch_patch.py; nothing here
-imports vLLM or Ray.
+registration after its lease, or a push whose WRITE failed, is refused by prefill itself:
+app/handoff/push_refusal.py), and an engine restarted on the same host and port (vLLM's
+behaviour, blocks held, then). The vLLM wiring is app/handoff/push_source_watch_patch.py;
+nothing here imports vLLM or Ray.
 """
 
 from __future__ import annotations
