@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +303,22 @@ class PushNotifPoller:
             self.wake()
 
 
+def drop_abort_cleanups(recving: dict, reqs_to_recv: Mapping) -> None:
+    """Forget the receives just added that await nothing.
+
+    A decode request aborted before it was scheduled still gets a receive entry with no
+    blocks (vLLM's "aborted cleanup", meant to tell prefill to free its KV). vLLM's pull
+    worker never records such an entry; its push worker keeps it in ``_recving_metadata``
+    for good, where nothing completes it. Every hook that reads the awaited receives would
+    then wait on it (the notification poller spun for its 120 s give-up), and when its
+    prefill engine died the source watch failed it as a receive, whose empty block list
+    crashed the decode engine (IndexError in vLLM's ``get_transfer_results``; found by
+    tests/integration/test_push_transfer.py in CI). Same test as the pull worker's."""
+    for req_id, meta in reqs_to_recv.items():
+        if not (meta.awaiting_kvs or any(meta.local_block_ids)):
+            recving.pop(req_id, None)
+
+
 def after_push_start_load_kv(setting: str, value, after) -> bool:
     """Run ``after(worker)`` after every ``start_load_kv`` of vLLM's push worker (each
     engine step), the class attribute ``setting`` holding ``value``; a second call only
@@ -318,6 +335,7 @@ def after_push_start_load_kv(setting: str, value, after) -> bool:
 
         def start_load_kv_then(self, metadata):
             start_load_kv(self, metadata)
+            drop_abort_cleanups(self._recving_metadata, metadata.reqs_to_recv)
             after(self)
 
         cls.start_load_kv = start_load_kv_then

@@ -20,6 +20,7 @@ import urllib.parse
 
 import pytest
 
+from app.config import HandoffConfig
 from tests.integration.serve_harness import (
     BLOCK_SIZE,
     MODEL_NAME,
@@ -38,6 +39,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 FLOAT32 = {"dtype": "float32"}
 PREFILL_CHUNK = 2 * BLOCK_SIZE  # prefill's max_num_batched_tokens: prompts run in chunks
 LEASE_S = 6  # prefill keeps a finished request's KV this long for decode (vLLM: 30 s)
+PROBE_S = HandoffConfig().push_source_probe_s  # decode's source watch, the default interval
 
 
 @pytest.fixture(scope="module")
@@ -310,8 +312,12 @@ def test_a_prefill_engine_gone_mid_push_frees_decode_blocks(urls):
     The prefill engine is stopped (SIGSTOP) before the request, so its WRITE cannot come
     whatever the timing, and killed once decode holds the leg's blocks."""
     import signal
+    import time
+
+    import psutil
 
     body, expected = _whole_request(urls, 60, 61, 300)
+    decode_pids = [int(p) for p in engine_stats("push", "DecodeServer")["affinity"]]
 
     def waiting_for_kv():
         d = engine_stats("push", "DecodeServer")
@@ -326,3 +332,11 @@ def test_a_prefill_engine_gone_mid_push_frees_decode_blocks(urls):
     assert r.json()["choices"][0]["text"] == expected
     wait_until(lambda: _idle("DecodeServer"), 60,
                what="decode to free the blocks of the push whose prefill engine died")
+    # The watch gave up on every receive from that engine, including vLLM's block-less
+    # "aborted cleanup" entries; failing one of those crashed the decode engine a step later
+    # (CI, before app/engine_process.py's drop_abort_cleanups). A few probe intervals on,
+    # decode's engine processes are the same and still running.
+    time.sleep(4 * PROBE_S)
+    assert all(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+               for p in decode_pids), "the decode engine died after its prefill engine did"
+    assert [int(p) for p in engine_stats("push", "DecodeServer")["affinity"]] == decode_pids

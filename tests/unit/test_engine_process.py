@@ -406,7 +406,7 @@ def test_push_decode_worker_drains_notifications_between_steps(monkeypatch):
 
     steps = []
     monkeypatch.setattr(NixlPushConnectorWorker, "start_load_kv",
-                        lambda self, metadata: steps.append(metadata))
+                        lambda self, metadata: steps.append(metadata.name))
     monkeypatch.setattr(NixlPushConnectorWorker, "_pd_serve_notif_poll_s", None, raising=False)
     monkeypatch.setenv(engine_process.PUSH_NOTIF_POLL_ENV, "0.001")
     engine_process.setup_engine_process()
@@ -416,10 +416,10 @@ def test_push_decode_worker_drains_notifications_between_steps(monkeypatch):
     worker._recving_metadata = {}
     worker._push_writer_wake = threading.Event()
     worker._push_writer_stop = threading.Event()
-    worker.start_load_kv("step-1")  # nothing awaited: no polling
+    worker.start_load_kv(_step("step-1"))  # nothing awaited: no polling
     assert steps == ["step-1"] and not worker._push_writer_wake.wait(0.05)
     worker._recving_metadata["req"] = object()
-    worker.start_load_kv("step-2")
+    worker.start_load_kv(_step("step-2"))
     assert steps == ["step-1", "step-2"]
     for _ in range(3):  # woken again and again with no further step
         assert worker._push_writer_wake.wait(2), "writer not woken while KV is awaited"
@@ -431,4 +431,47 @@ def test_push_decode_worker_drains_notifications_between_steps(monkeypatch):
     engine_process.patch_push_notif_poll(0.002)
     assert NixlPushConnectorWorker.start_load_kv is wrapped
     assert NixlPushConnectorWorker._pd_serve_notif_poll_s == 0.002
+    worker._push_writer_stop.set()
+
+
+def _step(name: str, **reqs_to_recv):
+    import types
+
+    return types.SimpleNamespace(name=name, reqs_to_recv=reqs_to_recv)
+
+
+def test_push_worker_forgets_receives_that_await_nothing(monkeypatch):
+    """vLLM's push worker records a receive with no blocks for a decode request aborted
+    before it was scheduled, and nothing ever completes it. The wrapped step drops it (as
+    vLLM's pull worker never records it), so no poller waits on it and the source watch
+    never fails it as a receive: that crashed the decode engine (IndexError on its empty
+    block list) when its prefill engine died. A real receive, blocks or awaiting KV, stays."""
+    import threading
+    import types
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import (
+        NixlPushConnectorWorker,
+    )
+
+    def vllms_start_load_kv(self, metadata):  # as vLLM's push worker: records them all
+        self._recving_metadata.update(metadata.reqs_to_recv)
+
+    monkeypatch.setattr(NixlPushConnectorWorker, "start_load_kv", vllms_start_load_kv)
+    monkeypatch.setattr(NixlPushConnectorWorker, "_pd_serve_notif_poll_s", None, raising=False)
+    engine_process.patch_push_notif_poll(0.001)
+
+    def meta(blocks, awaiting=False):
+        return types.SimpleNamespace(local_block_ids=blocks, awaiting_kvs=awaiting)
+
+    worker = NixlPushConnectorWorker.__new__(NixlPushConnectorWorker)
+    worker._recving_metadata = {}
+    worker._push_writer_wake = threading.Event()
+    worker._push_writer_stop = threading.Event()
+    worker.start_load_kv(_step("aborted", gone=meta([]), gone_hma=meta(([], []))))
+    assert worker._recving_metadata == {}
+    assert "_pd_serve_notif_poller" not in worker.__dict__ or not (
+        worker._pd_serve_notif_poller._thread), "a poller started for receives awaiting nothing"
+    real, hit = meta(([3, 4],)), meta([], awaiting=True)
+    worker.start_load_kv(_step("live", real=real, hit=hit, gone=meta([])))
+    assert worker._recving_metadata == {"real": real, "hit": hit}
     worker._push_writer_stop.set()
