@@ -85,12 +85,12 @@ def _patch_prefill(cls) -> None:
         elif registration_data is REFUSE:
             _refuse(self, *local_block_ids)
         elif registration_data is WRITE_FAILED:
-            reg = _pushed(self).pop(request_id)
+            reg = _book(self, "pushed").pop(request_id)
             if reg is not None:
                 _refuse(self, reg, "its WRITE failed")
         else:
             if isinstance(registration_data, dict):  # a push starts: kept for a failure
-                _pushed(self).remember(request_id, registration_data)
+                _book(self, "pushed").remember(request_id, registration_data)
             return do_start(self, request_id, local_block_ids, registration_data)
         return None
 
@@ -117,27 +117,23 @@ def _patch_decode(cls) -> None:
     cls._get_new_notifs = get_new_notifs
 
 
-def _let_go_ids(worker) -> Recent:
-    """Writer thread: the base ids of the requests whose blocks this prefill let go."""
-    book = worker.__dict__.get("_pd_serve_let_go")
+def _book(worker, name: str) -> Recent:
+    """Writer thread: one of the worker's bounded books, made on first use:
+    ``let_go`` (the base ids of the requests whose blocks this prefill let go) or ``pushed``
+    (the registrations of pushes started, by prefill's request id)."""
+    key = f"_pd_serve_{name}"
+    book = worker.__dict__.get(key)
     if book is None:
-        book = worker._pd_serve_let_go = Recent()
+        book = Recent()
+        setattr(worker, key, book)
     return book
 
 
 def _too_late(worker, request_id: str) -> bool:
     """The request's blocks were let go and none are waiting for a registration."""
-    if base_request_id(request_id) not in _let_go_ids(worker):
+    if base_request_id(request_id) not in _book(worker, "let_go"):
         return False
     return not any(same_request(fin, request_id) for fin in worker._push_finished_blocks)
-
-
-def _pushed(worker) -> Recent:
-    """Writer thread: the registrations of pushes started, by prefill's request id."""
-    pushed = worker.__dict__.get("_pd_serve_pushed")
-    if pushed is None:
-        pushed = worker._pd_serve_pushed = Recent()
-    return pushed
 
 
 def _note_failed_writes(worker, done: set, failed: set) -> None:
@@ -156,8 +152,8 @@ def _note_failed_writes(worker, done: set, failed: set) -> None:
 
 def _let_go(worker, request_id: str) -> None:
     """Writer thread: remember the request, refuse a registration already kept for it."""
-    _let_go_ids(worker).remember(base_request_id(request_id))
-    pushed = _pushed(worker).pop(request_id)
+    _book(worker, "let_go").remember(base_request_id(request_id))
+    pushed = _book(worker, "pushed").pop(request_id)
     reg = worker._pop_matching_registration(request_id)
     if reg is not None:
         _refuse(worker, reg)

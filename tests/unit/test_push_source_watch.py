@@ -118,7 +118,7 @@ def test_the_plugin_fails_the_receive_of_kv_awaited_from_a_closed_port(monkeypat
         worker._push_writer_wake = threading.Event()
         worker._push_writer_stop = threading.Event()
         try:
-            worker.start_load_kv("step")
+            worker.start_load_kv(SimpleNamespace(reqs_to_recv={}))
             assert worker._failed_recv_reqs.get(timeout=10) == "gone"
             time.sleep(0.3)  # several more probes of both
             assert worker._failed_recv_reqs.empty()
