@@ -239,8 +239,10 @@ class HandoffConfig(_Strict):
     push_source_probe_s: float | None = Field(
         1.0, gt=0, description="Push: how often a decode engine checks that the prefill "
         "engine whose KV it awaits is still there (a TCP connect to its NIXL side channel, "
-        "only for requests awaited this long). A gone one (refused twice, or silent for 60 "
-        "s) can no longer WRITE, so its requests are failed receives: decode frees their "
+        "then vLLM's handshake query for the engine id served there; only for requests "
+        "awaited this long). A gone one (refused twice, another engine answering there, or "
+        "silent for 60 s) can no longer WRITE, so its requests are failed receives: decode "
+        "frees their "
         "blocks, and recomputes a live request's prompt (app/handoff/push_source_watch.py). "
         "vLLM has no such deadline: the blocks stayed held until decode restarted. "
         "None = off.")

@@ -13,6 +13,9 @@ than one probe interval, whether its prefill engine's NIXL side channel (the han
 listener every vLLM NIXL worker keeps open for its life) still accepts connections:
 
 * refused twice in a row: nothing listens there, the engine is gone (dead for sure);
+* another engine answers there (a prefill engine restarted on the same host and port before
+  two refusals were seen): the awaited one is gone for sure, since its listener would still
+  hold the port, so at once. The side channel's handshake names the engine it serves;
 * no answer at all (a host down or partitioned) for ``unreachable_s``: treated as gone too;
   a WRITE that outlives that much silence of its source is not expected.
 
@@ -21,9 +24,9 @@ for them: the scheduler frees the blocks of a request that was cancelled meanwhi
 one recomputes its prompt on decode (``nixl.kv_load_failure_policy: recompute``, the app's
 default). Not detected here: a prefill engine that is alive but will not WRITE (a
 registration after its lease, or a push whose WRITE failed, is refused by prefill itself:
-app/handoff/push_refusal.py), and an engine restarted on the same host and port (vLLM's
-behaviour, blocks held, then). The vLLM wiring is app/handoff/push_source_watch_patch.py;
-nothing here imports vLLM or Ray.
+app/handoff/push_refusal.py). The vLLM wiring, and the handshake query that names the engine
+at a side channel, are app/handoff/push_source_watch_patch.py; nothing here imports vLLM or
+Ray.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import socket
 from collections.abc import Callable, Mapping
 from enum import Enum
 
-Source = tuple[str, int]  # a prefill engine's NIXL side channel: host, port
+Address = tuple[str, int]  # a NIXL side channel: host, port
+Source = tuple[str, int, str]  # an awaited prefill engine: its side channel and engine id
 
 REFUSALS_TO_FAIL = 2
 UNREACHABLE_S = 60.0
@@ -42,18 +46,34 @@ UNREACHABLE_S = 60.0
 class Probe(Enum):
     ALIVE = "alive"
     REFUSED = "refused"  # the host answered: nothing listens there
+    REPLACED = "replaced"  # another engine listens there: the awaited one is gone
     SILENT = "silent"  # no answer (timeout, no route)
 
 
-def probe_side_channel(source: Source, timeout_s: float = 0.5) -> Probe:
-    """A TCP connect to ``source``; closed at once (the listener sees a peer come and go)."""
+def probe_side_channel(address: Address, timeout_s: float = 0.5) -> Probe:
+    """A TCP connect to ``address``; closed at once (the listener sees a peer come and go)."""
     try:
-        with socket.create_connection(source, timeout=timeout_s):
+        with socket.create_connection(address, timeout=timeout_s):
             return Probe.ALIVE
     except ConnectionRefusedError:
         return Probe.REFUSED
     except OSError as e:
         return Probe.REFUSED if e.errno == errno.ECONNREFUSED else Probe.SILENT
+
+
+def probe_engine(source: Source, engine_at: Callable[[Address], str | None],
+                 connect: Callable[[Address], Probe] = probe_side_channel) -> Probe:
+    """``connect``'s answer for the source's side channel, but REPLACED where a listener
+    there names (``engine_at``) an engine other than the awaited one. A listener that does
+    not say which engine it is (``None``: no answer in time) counts as the awaited one: only
+    a sure sign may fail a receive that a live prefill could still WRITE."""
+    host, port, engine_id = source
+    probe = connect((host, port))
+    if probe is Probe.ALIVE:
+        served = engine_at((host, port))
+        if served is not None and served != engine_id:
+            return Probe.REPLACED
+    return probe
 
 
 class PushSourceWatch:
@@ -64,7 +84,7 @@ class PushSourceWatch:
     interval and returns the requests to fail, each once.
     """
 
-    def __init__(self, interval_s: float, probe: Callable[[Source], Probe] = probe_side_channel,
+    def __init__(self, interval_s: float, probe: Callable[[Source], Probe],
                  refusals_to_fail: int = REFUSALS_TO_FAIL,
                  unreachable_s: float = UNREACHABLE_S):
         self.interval_s, self.probe = interval_s, probe
@@ -97,6 +117,8 @@ class PushSourceWatch:
         return out
 
     def _gone(self, source: Source, probe: Probe, now: float) -> bool:
+        if probe is Probe.REPLACED:
+            return True
         if probe is Probe.ALIVE:
             self._refused.pop(source, None)
             self._silent_since.pop(source, None)

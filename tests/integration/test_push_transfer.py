@@ -230,6 +230,20 @@ def test_push_settings_reach_the_engine_processes_of_their_side(urls):
         assert {e.get(PUSH_REFUSALS_ENV) for e in envs} == refusals, deployment
 
 
+def test_the_source_watch_hears_the_engine_decode_legs_name(urls):
+    """Decode's source watch asks a prefill side channel which engine it serves, and fails
+    a receive at once where another engine answers (a restart on the same port). So the
+    answer of a live prefill engine must be exactly the engine id decode legs are pushed
+    from (what the replica advertises), or every long push would be failed."""
+    from app.handoff.push_source_watch_patch import engine_at
+    from tests.integration.serve_harness import engine_handle
+
+    meta = engine_handle("push", "PrefillServer").record_replica_metadata.remote().result(
+        timeout_s=60)
+    push = meta["prefill_plane"]["push"]
+    assert engine_at((push["host"], int(push["port"])), timeout_s=10) == push["engine_id"]
+
+
 def _idle(name: str) -> bool:
     return engine_stats("push", name)["kv_cache_usage"] == 0
 

@@ -1,13 +1,19 @@
 """The push source watch's decisions (app/handoff/push_source_watch.py): when decode gives up
-on pushed KV. Probes are scripted here; one test probes real sockets on 127.0.0.1."""
+on pushed KV. Probes are scripted here; the last tests probe real sockets on 127.0.0.1, and
+vLLM's own handshake listener."""
 
 from __future__ import annotations
 
 import socket
 
-from app.handoff.push_source_watch import Probe, PushSourceWatch, probe_side_channel
+from app.handoff.push_source_watch import (
+    Probe,
+    PushSourceWatch,
+    probe_engine,
+    probe_side_channel,
+)
 
-A, B = ("10.0.0.1", 5600), ("10.0.0.2", 5600)
+A, B = ("10.0.0.1", 5600, "engine-a"), ("10.0.0.2", 5600, "engine-b")
 
 
 class Scripted:
@@ -73,6 +79,42 @@ def test_a_source_nothing_is_awaited_from_starts_afresh():
     assert watch.check({"r2": A}, 5.0) == ["r2"]
 
 
+def test_another_engine_at_the_side_channel_gives_its_requests_up_at_once():
+    """A prefill engine restarted on the same host and port answers there, so refusals never
+    come; the handshake names the new engine, and the old one's requests are given up at the
+    first probe. Requests from the new engine, at the same address, are not."""
+    replaced = ("10.0.0.1", 5600, "engine-a-before")
+    probe = Scripted()
+    probe.scripts[replaced] = [Probe.REPLACED]
+    watch = PushSourceWatch(1.0, probe)
+    awaited = {"old": replaced, "new": A}
+    assert watch.check(awaited, 0.0) == []
+    assert watch.check(awaited, 1.0) == ["old"]
+    assert [watch.check(awaited, float(t)) for t in (2, 3)] == [[], []]
+
+
+def test_probe_engine_fails_only_on_a_sure_sign():
+    asked = []
+
+    def engine_at(address):
+        asked.append(address)
+        return served
+
+    def connect_to(probe):
+        return lambda address: probe
+
+    served = "engine-a"
+    assert probe_engine(A, engine_at, connect_to(Probe.ALIVE)) is Probe.ALIVE
+    served = "engine-x"  # another engine took the port
+    assert probe_engine(A, engine_at, connect_to(Probe.ALIVE)) is Probe.REPLACED
+    served = None  # a listener that does not say which engine it is
+    assert probe_engine(A, engine_at, connect_to(Probe.ALIVE)) is Probe.ALIVE
+    assert asked == [A[:2]] * 3
+    for probe in (Probe.REFUSED, Probe.SILENT):  # not asked: nothing accepted the connect
+        assert probe_engine(A, engine_at, connect_to(probe)) is probe
+    assert len(asked) == 3
+
+
 def test_probe_tells_a_listener_from_a_closed_port():
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -109,10 +151,10 @@ def test_the_plugin_fails_the_receive_of_kv_awaited_from_a_closed_port(monkeypat
         closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         worker = NixlPushConnectorWorker.__new__(NixlPushConnectorWorker)
         worker._recving_metadata = {
-            "gone": SimpleNamespace(remote=SimpleNamespace(host="127.0.0.1",
-                                                           port=closed.getsockname()[1])),
-            "alive": SimpleNamespace(remote=SimpleNamespace(host="127.0.0.1",
-                                                            port=live.getsockname()[1]))}
+            "gone": SimpleNamespace(remote=SimpleNamespace(
+                host="127.0.0.1", port=closed.getsockname()[1], engine_id="p0")),
+            "alive": SimpleNamespace(remote=SimpleNamespace(
+                host="127.0.0.1", port=live.getsockname()[1], engine_id="p1"))}
         worker._recving_transfers = {}
         worker._failed_recv_reqs = queue.Queue()
         worker._push_writer_wake = threading.Event()
@@ -125,3 +167,91 @@ def test_the_plugin_fails_the_receive_of_kv_awaited_from_a_closed_port(monkeypat
         finally:
             worker._push_writer_stop.set()
             worker._pd_source_watch_thread.join(timeout=5)
+
+
+def _vllms_handshake_listener(engine_id: str):
+    """vLLM's own NIXL side-channel listener thread (the prefill engine's), serving a
+    handshake payload built from vLLM's classes for ``engine_id``, on a free port. Returns
+    (port, stop event)."""
+    import threading
+
+    import msgspec
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_scheduler import (
+        NixlBaseConnectorScheduler,
+    )
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
+        NixlAgentMetadata,
+        NixlHandshakePayload,
+    )
+
+    agent = NixlAgentMetadata(
+        engine_id=engine_id, agent_metadata=b"", kv_caches_base_addr=[0], device_id=0,
+        num_blocks=1, block_lens=[1], block_strides=[1], kv_cache_layout="NHD",
+        block_size=16, ssm_sizes=(0, 0), attn_backend_name="CPU_ATTN",
+        physical_blocks_per_logical_kv_block=1)
+    payload = NixlHandshakePayload(compatibility_hash="h",
+                                   agent_metadata_bytes=msgspec.msgpack.encode(agent))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ready, stop = threading.Event(), threading.Event()
+    threading.Thread(target=NixlBaseConnectorScheduler._nixl_handshake_listener,
+                     args=({(0, 0): msgspec.msgpack.encode(payload)}, ready, stop,
+                           "127.0.0.1", port), daemon=True).start()
+    assert ready.wait(10)
+    return port, stop
+
+
+def test_engine_at_reads_the_engine_id_from_vllms_handshake_listener():
+    from app.handoff.push_source_watch_patch import engine_at
+
+    port, stop = _vllms_handshake_listener("prefill-engine-7")
+    try:
+        assert engine_at(("127.0.0.1", port)) == "prefill-engine-7"
+    finally:
+        stop.set()
+    with socket.socket() as quiet:  # accepts, never speaks ZMQ: no answer, not a sure sign
+        quiet.bind(("127.0.0.1", 0))
+        quiet.listen()
+        assert engine_at(quiet.getsockname(), timeout_s=0.2) is None
+
+
+def test_the_plugin_fails_the_receive_of_kv_awaited_from_a_replaced_engine(monkeypatch):
+    """Over vLLM's push worker class and vLLM's own handshake listener: a request awaited
+    from engine "before" at the address where engine "after" now listens becomes a failed
+    receive at the first probe; one awaited from "after" itself does not."""
+    import queue
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import (
+        NixlPushConnectorWorker,
+    )
+
+    from app.handoff.push_source_watch_patch import patch_push_source_watch
+
+    monkeypatch.setattr(NixlPushConnectorWorker, "start_load_kv", lambda self, metadata: None)
+    monkeypatch.setattr(NixlPushConnectorWorker, "_pd_serve_source_probe_s", None,
+                        raising=False)
+    patch_push_source_watch(0.05)
+    port, stop = _vllms_handshake_listener("after")
+    worker = NixlPushConnectorWorker.__new__(NixlPushConnectorWorker)
+    worker._recving_metadata = {
+        req: SimpleNamespace(remote=SimpleNamespace(host="127.0.0.1", port=port,
+                                                    engine_id=engine))
+        for req, engine in (("old", "before"), ("new", "after"))}
+    worker._recving_transfers = {}
+    worker._failed_recv_reqs = queue.Queue()
+    worker._push_writer_wake = threading.Event()
+    worker._push_writer_stop = threading.Event()
+    try:
+        worker.start_load_kv(SimpleNamespace(reqs_to_recv={}))
+        assert worker._failed_recv_reqs.get(timeout=10) == "old"
+        assert worker._push_writer_wake.wait(1)
+        time.sleep(0.3)  # several more probes of both
+        assert worker._failed_recv_reqs.empty()
+    finally:
+        worker._push_writer_stop.set()
+        worker._pd_source_watch_thread.join(timeout=5)
+        stop.set()
