@@ -129,6 +129,35 @@ def test_the_plugin_fails_the_receive_of_kv_awaited_from_a_closed_port(monkeypat
     class with a stand-in ``start_load_kv`` (restored after the test): a request awaited from
     a side channel nothing listens on becomes a failed receive in vLLM's queue for them, one
     awaited from a live one does not."""
+    from app import engine_process
+
+    _stand_in_push_worker(monkeypatch)
+    monkeypatch.setenv(engine_process.PUSH_SOURCE_PROBE_ENV, "0.05")
+    engine_process.setup_engine_process()
+    with socket.socket() as live, socket.socket() as closed:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        assert _the_one_failed_receive({
+            "gone": ("127.0.0.1", closed.getsockname()[1], "p0"),
+            "alive": ("127.0.0.1", live.getsockname()[1], "p1")}) == "gone"
+
+
+def _stand_in_push_worker(monkeypatch) -> None:
+    """vLLM's push worker class with ``start_load_kv`` stood in and no watch installed yet."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import (
+        NixlPushConnectorWorker,
+    )
+
+    monkeypatch.setattr(NixlPushConnectorWorker, "start_load_kv", lambda self, metadata: None)
+    monkeypatch.setattr(NixlPushConnectorWorker, "_pd_serve_source_probe_s", None,
+                        raising=False)
+
+
+def _the_one_failed_receive(awaited: dict[str, tuple[str, int, str]]) -> str:
+    """A push worker awaiting ``awaited`` (request → prefill host, port, engine id) takes an
+    engine step; the one receive the installed watch fails, none other in several more
+    probes."""
     import queue
     import threading
     import time
@@ -138,35 +167,24 @@ def test_the_plugin_fails_the_receive_of_kv_awaited_from_a_closed_port(monkeypat
         NixlPushConnectorWorker,
     )
 
-    from app import engine_process
-
-    monkeypatch.setattr(NixlPushConnectorWorker, "start_load_kv", lambda self, metadata: None)
-    monkeypatch.setattr(NixlPushConnectorWorker, "_pd_serve_source_probe_s", None,
-                        raising=False)
-    monkeypatch.setenv(engine_process.PUSH_SOURCE_PROBE_ENV, "0.05")
-    engine_process.setup_engine_process()
-    with socket.socket() as live, socket.socket() as closed:
-        live.bind(("127.0.0.1", 0))
-        live.listen()
-        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
-        worker = NixlPushConnectorWorker.__new__(NixlPushConnectorWorker)
-        worker._recving_metadata = {
-            "gone": SimpleNamespace(remote=SimpleNamespace(
-                host="127.0.0.1", port=closed.getsockname()[1], engine_id="p0")),
-            "alive": SimpleNamespace(remote=SimpleNamespace(
-                host="127.0.0.1", port=live.getsockname()[1], engine_id="p1"))}
-        worker._recving_transfers = {}
-        worker._failed_recv_reqs = queue.Queue()
-        worker._push_writer_wake = threading.Event()
-        worker._push_writer_stop = threading.Event()
-        try:
-            worker.start_load_kv(SimpleNamespace(reqs_to_recv={}))
-            assert worker._failed_recv_reqs.get(timeout=10) == "gone"
-            time.sleep(0.3)  # several more probes of both
-            assert worker._failed_recv_reqs.empty()
-        finally:
-            worker._push_writer_stop.set()
-            worker._pd_source_watch_thread.join(timeout=5)
+    worker = NixlPushConnectorWorker.__new__(NixlPushConnectorWorker)
+    worker._recving_metadata = {
+        req: SimpleNamespace(remote=SimpleNamespace(host=host, port=port, engine_id=engine))
+        for req, (host, port, engine) in awaited.items()}
+    worker._recving_transfers = {}
+    worker._failed_recv_reqs = queue.Queue()
+    worker._push_writer_wake = threading.Event()
+    worker._push_writer_stop = threading.Event()
+    try:
+        worker.start_load_kv(SimpleNamespace(reqs_to_recv={}))
+        failed = worker._failed_recv_reqs.get(timeout=10)
+        assert worker._push_writer_wake.wait(1), "vLLM's writer not woken for the failure"
+        time.sleep(0.3)  # several more probes of all
+        assert worker._failed_recv_reqs.empty()
+        return failed
+    finally:
+        worker._push_writer_stop.set()
+        worker._pd_source_watch_thread.join(timeout=5)
 
 
 def _vllms_handshake_listener(engine_id: str):
@@ -220,38 +238,13 @@ def test_the_plugin_fails_the_receive_of_kv_awaited_from_a_replaced_engine(monke
     """Over vLLM's push worker class and vLLM's own handshake listener: a request awaited
     from engine "before" at the address where engine "after" now listens becomes a failed
     receive at the first probe; one awaited from "after" itself does not."""
-    import queue
-    import threading
-    import time
-    from types import SimpleNamespace
-
-    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import (
-        NixlPushConnectorWorker,
-    )
-
     from app.handoff.push_source_watch_patch import patch_push_source_watch
 
-    monkeypatch.setattr(NixlPushConnectorWorker, "start_load_kv", lambda self, metadata: None)
-    monkeypatch.setattr(NixlPushConnectorWorker, "_pd_serve_source_probe_s", None,
-                        raising=False)
+    _stand_in_push_worker(monkeypatch)
     patch_push_source_watch(0.05)
     port, stop = _vllms_handshake_listener("after")
-    worker = NixlPushConnectorWorker.__new__(NixlPushConnectorWorker)
-    worker._recving_metadata = {
-        req: SimpleNamespace(remote=SimpleNamespace(host="127.0.0.1", port=port,
-                                                    engine_id=engine))
-        for req, engine in (("old", "before"), ("new", "after"))}
-    worker._recving_transfers = {}
-    worker._failed_recv_reqs = queue.Queue()
-    worker._push_writer_wake = threading.Event()
-    worker._push_writer_stop = threading.Event()
     try:
-        worker.start_load_kv(SimpleNamespace(reqs_to_recv={}))
-        assert worker._failed_recv_reqs.get(timeout=10) == "old"
-        assert worker._push_writer_wake.wait(1)
-        time.sleep(0.3)  # several more probes of both
-        assert worker._failed_recv_reqs.empty()
+        assert _the_one_failed_receive({"old": ("127.0.0.1", port, "before"),
+                                        "new": ("127.0.0.1", port, "after")}) == "old"
     finally:
-        worker._push_writer_stop.set()
-        worker._pd_source_watch_thread.join(timeout=5)
         stop.set()
