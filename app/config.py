@@ -242,10 +242,9 @@ class HandoffConfig(_Strict):
         "then vLLM's handshake query for the engine id served there; only for requests "
         "awaited this long). A gone one (refused twice, another engine answering there, or "
         "silent for 60 s) can no longer WRITE, so its requests are failed receives: decode "
-        "frees their "
-        "blocks, and recomputes a live request's prompt (app/handoff/push_source_watch.py). "
-        "vLLM has no such deadline: the blocks stayed held until decode restarted. "
-        "None = off.")
+        "frees their blocks, and recomputes a live request's prompt "
+        "(app/handoff/push_source_watch.py). vLLM has no such deadline: the blocks stayed "
+        "held until decode restarted. None = off.")
 
 
 class MetricsConfig(_Strict):

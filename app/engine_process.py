@@ -322,7 +322,9 @@ def drop_abort_cleanups(recving: dict, reqs_to_recv: Mapping) -> None:
 def after_push_start_load_kv(setting: str, value, after) -> bool:
     """Run ``after(worker)`` after every ``start_load_kv`` of vLLM's push worker (each
     engine step), the class attribute ``setting`` holding ``value``; a second call only
-    updates the value. False where vLLM's push connector is absent."""
+    updates the value. One wrapper serves every hook, so the receives that await nothing
+    are dropped once a step, before any hook reads them. False where vLLM's push connector
+    is absent."""
     try:
         from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import (
             NixlPushConnectorWorker,
@@ -330,15 +332,19 @@ def after_push_start_load_kv(setting: str, value, after) -> bool:
     except Exception:  # noqa: BLE001 - not a vLLM process, or a vLLM without push
         return False
     cls = NixlPushConnectorWorker
-    if getattr(cls, setting, None) is None:
-        start_load_kv = cls.start_load_kv
+    hooks = getattr(cls.start_load_kv, "_pd_serve_hooks", None)
+    if hooks is None:
+        start_load_kv, hooks = cls.start_load_kv, {}
 
         def start_load_kv_then(self, metadata):
             start_load_kv(self, metadata)
             drop_abort_cleanups(self._recving_metadata, metadata.reqs_to_recv)
-            after(self)
+            for hook in hooks.values():
+                hook(self)
 
+        start_load_kv_then._pd_serve_hooks = hooks
         cls.start_load_kv = start_load_kv_then
+    hooks.setdefault(setting, after)
     setattr(cls, setting, value)
     return True
 
