@@ -233,9 +233,11 @@ class HandoffConfig(_Strict):
         "(app/handoff/early_push.py). Prompts of one chunk take it too. Needs "
         "push_early_blocks and CPU engines.")
     push_wait_s: float = Field(
-        10.0, gt=0, description="Push: how long decode may take to produce its first output "
+        10.0, gt=0, description="Push: how long decode may take to produce its first token "
         "after prefill answered before the front gives up on the pushed KV and decodes "
-        "with local prefill.")
+        "with local prefill. For a whole (non-streamed) answer the decode replica tells the "
+        "front when token 1 is out, so only the wait for the KV is bounded, not the "
+        "generation.")
     push_source_probe_s: float | None = Field(
         1.0, gt=0, description="Push: how often a decode engine checks that the prefill "
         "engine whose KV it awaits is still there (a TCP connect to its NIXL side channel, "

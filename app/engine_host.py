@@ -9,6 +9,7 @@ tokenization, validation and output formatting, so our responses are byte-compat
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import functools
 import logging
@@ -20,13 +21,16 @@ from typing import Any
 
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-from app.engine_protocol import KIND_ERROR, KIND_JSON, Head, stream_after_head
+from app.engine_protocol import KIND_ERROR, KIND_JSON, KIND_STARTED, Head, stream_after_head
 from app.engine_stats import EngineStatsCollector
+from app.handoff.push import is_pushed_leg
 from app.handoff.timeline import EngineStampBook
 from app.migration import ERROR_PREFIX, EngineLost, TokenLedger, engine_ids
 from app.openai_errors import error_body
 
 log = logging.getLogger(__name__)
+
+_START_POLL_S = 0.02  # how often a pushed whole answer's engine is asked for its token 1
 
 
 class EngineHost:
@@ -101,6 +105,21 @@ class EngineHost:
     def max_model_len(self) -> int:
         return int(self.engine.vllm_config.model_config.max_model_len)
 
+    def output_started(self, request_key: str) -> bool:
+        """Whether the engine has put out a token for the request whose client-level id is
+        ``request_key``. vLLM's frontend sees every engine output, also of a non-streamed
+        request whose answer it returns only at the end, so this tells a whole request still
+        waiting for its KV from one that runs (the push wait, app.orchestrator)."""
+        processor = getattr(self.engine, "output_processor", None)
+        if processor is None:
+            return False
+        for external in engine_ids(request_key):
+            for internal in processor.external_req_ids.get(external, ()):
+                state = processor.request_states.get(internal)
+                if state is not None and not state.is_prefilling:
+                    return True
+        return False
+
     def engine_stamps(self, request_key: str) -> dict[str, float]:
         """Engine-core marks of the request whose client-level id is ``request_key``."""
         return self.stamps.lookup(engine_ids(request_key)) if self.stamps else {}
@@ -116,15 +135,26 @@ class EngineHost:
         return self.engine is not None and self.engine.errored
 
     async def generate(self, kind: str, request: Any) -> AsyncIterator[Head | str]:
-        """Run one completion or chat request; yield a Head, then SSE strings if streaming.
-        Raises :class:`EngineLost` if this engine dies under the request (app.migration)."""
+        """Run one completion or chat request; yield a Head, then SSE strings if streaming
+        (a whole answer to a pushed leg is preceded by a ``KIND_STARTED`` Head). Raises
+        :class:`EngineLost` if this engine dies under the request (app.migration)."""
         serving = self._chat if kind == "chat" else self._completion
         create = serving.create_chat_completion if kind == "chat" else serving.create_completion
         key = getattr(request, "request_id", None) or ""
         if self.stamps is not None and key:
             self.stamps.note(key, {"replica_in": time.monotonic()})
         try:
-            result = await create(request)
+            if getattr(request, "stream", False) or not is_pushed_leg(
+                    getattr(request, "kv_transfer_params", None)):
+                result = await create(request)
+            else:  # a whole answer awaiting pushed KV: tell the front when its token 1 is out
+                call = asyncio.ensure_future(create(request))
+                try:
+                    if await self._started_before(call, key):
+                        yield Head(KIND_STARTED)
+                    result = await call
+                finally:
+                    call.cancel()  # the consumer left: vLLM aborts the request
         except Exception as exc:  # noqa: BLE001 - vLLM raises typed errors; map them to HTTP
             self._lost_if_dead(key)
             err = serving.create_error_response(exc)
@@ -147,6 +177,15 @@ class EngineHost:
             async for item in items:
                 yield item
 
+    async def _started_before(self, call: asyncio.Future, key: str) -> bool:
+        """Whether the engine put out a token for the request before ``call`` (its whole
+        answer) ended; asked every ``_START_POLL_S``."""
+        while not call.done():
+            await asyncio.wait({call}, timeout=_START_POLL_S)
+            if not call.done() and self.output_started(key):
+                return True
+        return False
+
     def _lost_if_dead(self, key: str) -> None:
         taken = self.ledger.take(key) if key else None
         if self.engine_dead():
@@ -166,6 +205,10 @@ class EngineHost:
         so the prefill engine frees those blocks now rather than when its lease expires."""
         params = getattr(request, "kv_transfer_params", None)
         if not params or not params.get("do_remote_prefill") or self.engine is None:
+            return
+        if is_pushed_leg(params):
+            # Prefill holds nothing for decode before decode registered its blocks, and
+            # vLLM's push worker sends nothing for a rejected request.
             return
         try:
             await self.engine.notify_kv_transfer_request_rejected(

@@ -13,6 +13,9 @@ from typing import Any
 KIND_JSON = "json"  # body is the whole OpenAI response
 KIND_ERROR = "error"  # body is an OpenAI error; status is its HTTP code
 KIND_STREAM = "stream"  # SSE "data: ..." strings follow
+# Before a pushed leg's whole answer: the engine put out its token 1, so its KV is in and the
+# front's push wait is over (the answer itself comes at the end, as another Head).
+KIND_STARTED = "started"
 
 
 @dataclass(frozen=True)

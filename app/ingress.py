@@ -92,6 +92,7 @@ class OpenAIFront:
         migrator = self.orchestrator.migrator
         return {"migrations": migrator.migrations if migrator is not None else 0,
                 "migration_outcomes": dict(migrator.outcomes) if migrator is not None else {},
+                "fallbacks": dict(self.orchestrator.fallbacks),
                 **{f"token_one_{k}": v
                    for k, v in self.orchestrator.token_one_sources.items()}}
 

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from app.engine_protocol import KIND_ERROR, KIND_JSON, KIND_STREAM, Head
+from app.engine_protocol import KIND_ERROR, KIND_JSON, KIND_STARTED, KIND_STREAM, Head
 from app.handoff.first_token import (
     PrefillToken,
     decode_continuation,
@@ -92,6 +92,7 @@ class PDOrchestrator:
         decode may wait for pushed KV after prefill answered."""
         self.push_target = push_target
         self.push_wait_s = push_wait_s
+        self.fallbacks: dict[str, int] = {}  # by reason, stats
         self.first_token = first_token
         self.timeline = timeline
         self.token_one_sources = {"prefill": 0, "decode": 0}  # disaggregated streams, stats
@@ -114,7 +115,7 @@ class PDOrchestrator:
         route = decide_route(self.mode, shape, self.prefill is not None, plan)
         timeline = None
         if route is Route.FALLBACK:  # meant to disaggregate, but no prefill deployment
-            self.observer.fallback("no_prefill")
+            self._fallback("no_prefill")
         elif route is Route.DISAGGREGATED:
             timeline = HandoffTimeline() if self.timeline is not None else None
             if timeline is not None:
@@ -128,7 +129,7 @@ class PDOrchestrator:
                     return await self._push(kind, request, hint, target, timeline)
                 # Push engines cannot pull: before Ray's long-poll named the prefill
                 # replicas (start-up), decode prefills itself.
-                self.observer.fallback("no_push_target")
+                self._fallback("no_push_target")
                 return await self._run_decode(Route.FALLBACK, kind, request)
             outcome, label = await self._prefill_leg(kind, prefill_request(kind, request),
                                                      _prefill_routing(hint))
@@ -175,11 +176,11 @@ class PDOrchestrator:
             prefill.add_done_callback(functools.partial(_note_prefill, timeline))
         stream = self.decode.stream(kind, pushed)
         try:
-            # A stream's Head comes before decode runs; a whole answer only at its end (then
-            # vLLM's registration watchdog, not push_wait_s, bounds a WRITE that never comes).
-            streamed = bool(getattr(request, "stream", False))
-            head = await self._unless_push_fails(anext(stream), prefill,
-                                                 self.push_wait_s if streamed else None)
+            # A stream's Head comes before decode runs, a whole answer only at its end: decode
+            # marks the moment it put out token 1 for it (KIND_STARTED, app.engine_host).
+            head = await self._unless_push_fails(anext(stream), prefill, self.push_wait_s)
+            if head.kind == KIND_STARTED:
+                head = await anext(stream)
             first = None
             if head.kind == KIND_STREAM:
                 first = await self._unless_push_fails(anext(stream), prefill,
@@ -212,7 +213,7 @@ class PDOrchestrator:
                 return Reply(Route.DISAGGREGATED, outcome)
             log.warning("pushed decode leg failed before its first token (%s); decoding with "
                         "local prefill", first.strip()[:200])
-            self.observer.fallback("push_failed")
+            self._fallback("push_failed")
             return await self._run_decode(Route.FALLBACK, kind, request)
         self._token_one("decode")
         chunks = _prepend(first, stream)
@@ -222,11 +223,9 @@ class PDOrchestrator:
         plain = request.model_copy(update={"request_id": rid})
         return Reply(Route.DISAGGREGATED, head, self._guarded(kind, plain, chunks, False))
 
-    async def _unless_push_fails(self, step: Any, prefill: asyncio.Task,
-                                 wait_s: float | None) -> Any:
+    async def _unless_push_fails(self, step: Any, prefill: asyncio.Task, wait_s: float) -> Any:
         """``step`` (decode's next output), unless the prefill leg fails first or decode
-        outlives prefill's answer by ``wait_s`` (None: no limit): then
-        :class:`_PushAbandoned`."""
+        outlives prefill's answer by ``wait_s``: then :class:`_PushAbandoned`."""
         step = asyncio.ensure_future(step)
         try:
             await asyncio.wait({step, prefill}, return_when=asyncio.FIRST_COMPLETED)
@@ -237,7 +236,7 @@ class PDOrchestrator:
                 try:
                     return await asyncio.wait_for(asyncio.shield(step), wait_s)
                 except TimeoutError:
-                    self.observer.fallback("push_timeout")
+                    self._fallback("push_timeout")
                     raise _PushAbandoned(None, f"no KV {wait_s:g}s after prefill "
                                          "answered") from None
             raise _PushAbandoned(outcome, label)
@@ -246,6 +245,10 @@ class PDOrchestrator:
                 step.cancel()
                 with contextlib.suppress(BaseException):
                     await step
+
+    def _fallback(self, reason: str) -> None:
+        self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+        self.observer.fallback(reason)
 
     def _token_one(self, source: str) -> None:
         self.token_one_sources[source] += 1
@@ -258,7 +261,7 @@ class PDOrchestrator:
         outcome, label = await self._run_prefill(kind, leg, routing, detached)
         self.observer.prefill_leg(label, time.perf_counter() - start)
         if label in FALLBACK_OUTCOMES:
-            self.observer.fallback(label)
+            self._fallback(label)
         return outcome, label
 
     async def _run_prefill(self, kind: str, leg: Any, routing: dict[str, Any],

@@ -67,3 +67,9 @@ def decode_push_params(target: PushTarget, kind: str, request_id: str) -> dict[s
         "tp_size": target.tp_size,
         "remote_request_id": f"{_ID_PREFIX.get(kind, 'cmpl')}-{request_id}",
     }
+
+
+def is_pushed_leg(params: dict[str, Any] | None) -> bool:
+    """Whether a decode leg's ``kv_transfer_params`` await a push: a pulled leg names the
+    prefill blocks to READ (prefill's answer gave them), a pushed one cannot yet."""
+    return bool(params and params.get("do_remote_prefill") and "remote_block_ids" not in params)

@@ -313,6 +313,84 @@ def test_a_registration_after_prefill_let_the_kv_go_is_refused(urls):
                what="both engines to hold no blocks after the refused push")
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_push_whose_kv_does_not_come_falls_back_after_the_push_wait(urls, stream):
+    """Decode's engine is stopped (SIGSTOP), so it neither registers its blocks nor
+    computes: prefill answers, and ``handoff.push_wait_s`` later, with decode still stopped,
+    the front has given the push up (a ``push_timeout`` fallback) and sent the request with
+    local prefill, which decode answers once it runs again. A stream's wait was bounded
+    before; a whole answer comes only at its end, so its wait now ends at decode's token 1
+    as vLLM's frontend in the decode replica sees it: before, nothing bounded it (a lost
+    registration hung the request for good), and this test timed out waiting for the
+    fallback."""
+    import signal
+
+    body, expected = _whole_request(urls, 72 + stream, 74 + stream, 120)
+    if stream:
+        body = {**body, "stream": True}
+
+    def timeouts() -> int:
+        return engine_stats("push", "DecodeServer")["fallbacks"].get("push_timeout", 0)
+
+    before = timeouts()
+    r = _post_with_engines_stopped(
+        urls, "DecodeServer", body, lambda: wait_until(
+            lambda: timeouts() > before, HandoffConfig().push_wait_s + 60, interval=0.2,
+            what="the front to give the push up while decode is stopped"),
+        signal.SIGCONT, timeout=120)
+    assert r.status_code == 200, r.text
+    if stream:
+        events = [json.loads(line[len("data: "):]) for line in r.text.splitlines()
+                  if line.startswith("data: {")]
+        text = "".join(c["text"] for e in events for c in e["choices"])
+    else:
+        text = r.json()["choices"][0]["text"]
+    assert text == expected
+    assert r.headers["x-pd-route"] == "fallback"
+    wait_until(lambda: _idle("DecodeServer") and _idle("PrefillServer"), 60,
+               what="both engines to hold no blocks after the abandoned push")
+
+
+def test_a_whole_push_that_started_may_outlast_the_push_wait(urls):
+    """Decode's engine is stopped (SIGSTOP) for longer than ``handoff.push_wait_s`` right
+    after it put out token 1 of a whole pushed request. Decode's replica marks that moment
+    for the front (``KIND_STARTED``: vLLM's frontend in that process sees every engine
+    output), so the front waits for the answer however long the generation takes. Without
+    the mark the push wait would span the whole generation: this request was given up and
+    run again with local prefill (checked: route ``fallback``)."""
+    import os
+    import signal
+    import time
+
+    wait_until(lambda: _idle("DecodeServer") and _idle("PrefillServer"), 60,
+               what="idle engines")
+    max_tokens = 400
+    body = {k: v for k, v in _body(78, 120, max_tokens).items() if k != "stream_options"}
+    decode = engine_stats("push", "DecodeServer")
+    pids = [int(p) for p in decode["affinity"]]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        def post():
+            with client(urls["push"]) as c:
+                return c.post("/v1/completions", json=body)
+        answer = pool.submit(post)
+        wait_until(lambda: engine_stats("push", "DecodeServer")["generation_tokens"]
+                   > decode["generation_tokens"], 60, interval=0.01,
+                   what="decode's token 1 of the pushed request")
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(HandoffConfig().push_wait_s + 2)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        r = answer.result(timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-pd-route"] == "disaggregated"
+    assert len(r.json()["choices"][0]["token_ids"]) == max_tokens
+    after = engine_stats("push", "DecodeServer")
+    assert after["fallbacks"] == decode["fallbacks"]
+
+
 def test_a_prefill_engine_gone_mid_push_frees_decode_blocks(urls):
     """Runs last in the module: it kills the prefill engine.
 

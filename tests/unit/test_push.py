@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from app.config import AppConfig
-from app.engine_protocol import KIND_ERROR, KIND_JSON, KIND_STREAM, Head
+from app.engine_protocol import KIND_ERROR, KIND_JSON, KIND_STARTED, KIND_STREAM, Head
 from app.handoff.prefill_plane import PlanePool
 from app.handoff.push import PushTarget, decode_push_params
 from app.migration import EngineLost
@@ -66,6 +66,30 @@ class SlowPrefill(FakeEngine):
             raise
         self.answered.set()
         return ANSWER
+
+
+class WholeDecode:
+    """A decode engine answering whole requests: a pushed one puts out token 1 ``kv_after``
+    seconds after being asked (None: never), marked as ``EngineHost.generate`` marks it,
+    and answers ``gen_s`` after that."""
+
+    def __init__(self, kv_after: float | None, gen_s: float = 0.0):
+        self.kv_after, self.gen_s = kv_after, gen_s
+        self.requests, self.closed = [], []
+
+    async def stream(self, kind, request):
+        self.requests.append(request)
+        pushed = bool((request.kv_transfer_params or {}).get("do_remote_prefill"))
+        try:
+            if pushed:
+                if self.kv_after is None:
+                    await asyncio.Event().wait()
+                await asyncio.sleep(self.kv_after)
+                yield Head(KIND_STARTED)
+                await asyncio.sleep(self.gen_s)
+            yield Head(KIND_JSON, 200, {"choices": [{"text": "pushed" if pushed else "local"}]})
+        finally:
+            self.closed.append(pushed)
 
 
 def _orchestrator(decode, prefill, target=TARGET, wait_s=5.0):
@@ -176,6 +200,28 @@ async def test_kv_that_never_arrives_after_prefill_answered_falls_back():
     assert reply.route is Route.FALLBACK
     assert await _collect(reply) == ["data: a\n\n", "data: [DONE]\n\n"]
     assert decode.closed[0] is True
+
+
+async def test_a_whole_answer_whose_kv_never_arrives_falls_back_too():
+    """A whole answer comes only at its end, so the wait is bounded by decode's mark of its
+    token 1: none ``push_wait_s`` after prefill answered, and the pushed leg is cancelled
+    for local prefill, as for a stream."""
+    decode = WholeDecode(kv_after=None)
+    orch = _orchestrator(decode, FakeEngine(once=ANSWER), wait_s=0.05)
+    reply = await asyncio.wait_for(orch.handle("completion", Completion()), 5.0)
+    assert reply.route is Route.FALLBACK and reply.head.body["choices"][0]["text"] == "local"
+    assert decode.closed[0] is True
+    assert decode.requests[1].kv_transfer_params is None
+    assert orch.fallbacks == {"push_timeout": 1}
+
+
+async def test_a_whole_answer_that_started_in_time_may_take_longer():
+    decode = WholeDecode(kv_after=0.02, gen_s=0.4)  # token 1 in time, the answer 0.4 s later
+    orch = _orchestrator(decode, FakeEngine(once=ANSWER), wait_s=0.1)
+    reply = await orch.handle("completion", Completion())
+    assert reply.route is Route.DISAGGREGATED
+    assert reply.head.body["choices"][0]["text"] == "pushed"
+    assert len(decode.requests) == 1 and orch.fallbacks == {}
 
 
 async def test_no_known_prefill_replica_means_local_prefill_not_pull():
