@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from app.engine_clients import HandleEngineClient, RemoteDecodeClient
-from app.engine_protocol import Head
+from app.engine_protocol import KIND_JSON, KIND_STARTED, Head
 from app.migration import DONE, EngineLost
 from app.stream_ledger import StreamLedger
 from tests.unit.test_engine_clients import FakeHandle
@@ -143,3 +143,11 @@ def test_a_stream_that_ends_normally_is_relayed_whole():
     client, _ = client_with([head, cmpl(" a", [7], [1]), USAGE, DONE])
     out = asyncio.run(drain(client.stream("completion", Req(return_token_ids=True))))
     assert out[0] is head and out[1:] == [cmpl(" a", [7], [1]), USAGE, DONE]
+
+
+def test_a_whole_pushed_answer_reaches_the_separate_front_after_its_mark():
+    """A decode replica marks a whole pushed answer's token 1 before the answer
+    (app.engine_host): both Heads cross to a front deployed on its own, in order."""
+    mark, answer = Head(KIND_STARTED), Head(KIND_JSON, 200, {"choices": []})
+    client, _ = client_with([mark, answer])
+    assert asyncio.run(drain(client.stream("completion", Req(stream=False)))) == [mark, answer]
