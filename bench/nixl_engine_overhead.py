@@ -1,17 +1,20 @@
-"""What does NIXL cost a decode engine that transfers nothing? Steady inter-token time of plain
-vLLM servers with and without NixlConnector, or with two NIXL progress-thread delays.
+"""What does NIXL cost an engine that transfers nothing? Time to first token (the prompt's
+forward pass: what a prefill engine does) and steady inter-token time (what a decode engine
+does) of plain vLLM servers with and without NixlConnector, or with two NIXL progress-thread
+delays.
 
 Two plain vLLM servers run at once, each pinned to one core (every engine thread, as the app
 pins its engines); requests alternate between them, one at a time, so neither competes with
 the other's compute. A second round swaps the cores, because the two cores of these machines
-do not run at the same speed. Reported per server: the median over requests of the mean gap
-between tokens 2..n (the first gap is left out: it holds the prompt's last step).
+do not run at the same speed. Reported per server: the median over requests of the time to
+the first streamed token, and of the mean gap between tokens 2..n (the first gap is left out:
+it holds the prompt's last step).
 
     python bench/nixl_engine_overhead.py                       # no NIXL vs NIXL at 100 µs
     python bench/nixl_engine_overhead.py --a nixl:100 --b nixl:20000
 
-A server is ``plain`` or ``nixl:<progress delay µs>``. Figures of 2026-12-06 are in
-docs/HANDOFF.md ("a quiet progress thread on decode"); this prints, it writes no docs.
+A server is ``plain`` or ``nixl:<progress delay µs>``. Figures of 2026-12-06 and 2026-12-07
+are in docs/HANDOFF.md ("a quiet progress thread on decode"); this prints, it writes no docs.
 """
 
 from __future__ import annotations
@@ -45,31 +48,36 @@ from loadtests.servers import start_logged, stop_process_group, wait_ready  # no
 NIXL = {"kv_connector": "NixlConnector", "kv_buffer_device": "cpu", "kv_role": "kv_both"}
 
 
-async def stream_gaps(http: httpx.AsyncClient, url: str, model: str, prompt: list[int],
-                      max_tokens: int) -> float:
-    """Mean gap between tokens 2..n of one greedy stream, seconds."""
+async def stream_times(http: httpx.AsyncClient, url: str, model: str, prompt: list[int],
+                       max_tokens: int) -> tuple[float, float]:
+    """Time to the first token and mean gap between tokens 2..n of one greedy stream,
+    seconds."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True}
     stamps = []
+    sent = time.perf_counter()
     async with http.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if line.startswith("data: {"):
                 stamps.append(time.perf_counter())
-    return statistics.mean(b - a for a, b in zip(stamps[1:], stamps[2:], strict=False))
+    gap = statistics.mean(b - a for a, b in zip(stamps[1:], stamps[2:], strict=False))
+    return stamps[0] - sent, gap
 
 
-async def alternate(urls: dict[str, str], args, vocab: int) -> dict[str, float]:
+async def alternate(urls: dict[str, str], args, vocab: int) -> dict[str, tuple[float, float]]:
+    """Per server: (time to first token, steady inter-token time), medians in ms."""
     rng = random.Random(args.seed)
-    gaps: dict[str, list[float]] = {name: [] for name in urls}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in urls}
     async with httpx.AsyncClient(timeout=600, trust_env=False) as http:
         for i in range(args.requests + args.warmup):
             for name, url in urls.items():
                 prompt = [rng.randrange(16, vocab) for _ in range(args.input_len)]
-                gap = await stream_gaps(http, url, args.model_name, prompt, args.output_len)
+                got = await stream_times(http, url, args.model_name, prompt, args.output_len)
                 if i >= args.warmup:
-                    gaps[name].append(gap)
-    return {name: statistics.median(v) * 1e3 for name, v in gaps.items()}
+                    times[name].append(got)
+    return {name: tuple(statistics.median(t[k] for t in v) * 1e3 for k in (0, 1))
+            for name, v in times.items()}
 
 
 def start(spec: str, core: int, args, workdir: Path):
@@ -110,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                 pin_plain_server(proc.pid, core)
             urls = {f"{spec}@core{core}": f"http://{HOST}:{port}"
                     for (spec, core), (_, port, _) in zip(placed, servers, strict=True)}
-            for name, ms in asyncio.run(alternate(urls, args, vocab)).items():
-                print(f"{name:>24}: steady inter-token time p50 {ms:.2f} ms", flush=True)
+            for name, (ttft, gap) in asyncio.run(alternate(urls, args, vocab)).items():
+                print(f"{name:>24}: time to first token p50 {ttft:.2f} ms, "
+                      f"steady inter-token time p50 {gap:.2f} ms", flush=True)
         finally:
             for proc, port, _ in servers:
                 stop_process_group(proc, HOST, port, grace_s=30)
