@@ -197,8 +197,9 @@ class HandoffConfig(_Strict):
         "decode continue after it, so the KV handoff is not in the time to first token "
         "(app/handoff/first_token.py says which requests qualify).")
     timeline: bool = Field(
-        False, description="Log one `pd_timeline` JSON line per disaggregated request with "
-        "the time of each handoff stage (debugging, bench/handoff.py).")
+        False, description="Log one `pd_timeline` JSON line per request with the time of "
+        "each handoff stage (debugging, bench/handoff.py); a request one engine serves whole "
+        "(aggregated, local prefill) gets its own stages, the baseline to compare with.")
     handle_transport: HandleTransport = Field(
         "grpc", description="How the decode front calls prefill replicas (and peers, for "
         "migrations): 'grpc', Ray Serve's by-value channel straight to the replica's "

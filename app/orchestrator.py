@@ -116,6 +116,10 @@ class PDOrchestrator:
         timeline = None
         if route is Route.FALLBACK:  # meant to disaggregate, but no prefill deployment
             self._fallback("no_prefill")
+        elif route is not Route.DISAGGREGATED and self.timeline is not None:
+            # one engine serves it whole: its stages are the baseline of the handoff's
+            timeline = HandoffTimeline(route=route.value)
+            timeline.mark("received")
         elif route is Route.DISAGGREGATED:
             timeline = HandoffTimeline() if self.timeline is not None else None
             if timeline is not None:

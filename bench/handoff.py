@@ -46,7 +46,12 @@ sys.path.insert(0, str(ROOT))
 
 from app.config import READER_PROGRESS_DELAY_US  # noqa: E402
 from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S  # noqa: E402
-from app.handoff.timeline import DETAIL_STAGES, STAGES, median_stages  # noqa: E402
+from app.handoff.timeline import (  # noqa: E402
+    DETAIL_STAGES,
+    LOCAL_STAGES,
+    STAGES,
+    median_stages,
+)
 from app.ports import listen_port  # noqa: E402
 from loadtests.envinfo import hardware, hardware_line  # noqa: E402
 from loadtests.mdsection import update_file  # noqa: E402
@@ -167,15 +172,17 @@ def timelines_from(log: Path, since: int) -> list[dict[str, Any]]:
     return records
 
 
-def app_config(args, model: str, port: int, first_token: bool, kv_dtype: str) -> dict:
+def app_config(args, model: str, port: int, first_token: bool, kv_dtype: str,
+               mode: str = "disaggregated") -> dict:
     engine = {"max_model_len": args.max_model_len, "block_size": 32, "enforce_eager": True,
               "kv_cache_memory_bytes": 1 << 30}
     if kv_dtype != "auto":
         engine["kv_cache_dtype"] = kv_dtype
     app_args = {
         "model": {"path": str(ROOT / "models" / model), "served_model_name": model},
-        "mode": "disaggregated",
+        "mode": mode,
         "engine_args": engine,
+        "aggregated": {"cpu_cores": ["0"]},  # the prefill engine's core: its compute compares
         "prefill": {"cpu_cores": ["0"]},
         "decode": {"cpu_cores": ["1"]},
         "nixl": {"side_channel_host": HOST, "progress_delay_us": args.nixl_delay_us,
@@ -215,10 +222,10 @@ def chunked_push_args(args, early: bool):
 
 
 def run_point(args, name: str, model: str, first_token: bool, kv_dtype: str, work: Path,
-              jobs: list[tuple[str, list[list[int]], int]], accuracy: list[list[int]] | None
-              ) -> tuple[dict[str, Point], list | None]:
+              jobs: list[tuple[str, list[list[int]], int]], accuracy: list[list[int]] | None,
+              mode: str = "disaggregated") -> tuple[dict[str, Point], list | None]:
     port = listen_port()
-    config = app_config(args, model, port, first_token, kv_dtype)
+    config = app_config(args, model, port, first_token, kv_dtype, mode)
     points: dict[str, Point] = {}
     logprobs = None
     with running_app(config, work, name, HOST, port, model) as (base, _proc, log):
@@ -272,8 +279,8 @@ def plot(tiny: dict[str, Point], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(STAGES)
-    fig, ax = plt.subplots(figsize=(9, 3.2))
+    names = [*LOCAL_STAGES, *STAGES]  # a one-engine row has the first three and to_socket
+    fig, ax = plt.subplots(figsize=(9, 3.6))
     for row, point in enumerate(tiny.values()):
         med = median_stages(point.timelines)
         if med.get("decode_admission", 0.0) < 0 and "in_path_ms" in med:
@@ -283,7 +290,7 @@ def plot(tiny: dict[str, Point], path: Path) -> None:
         left = 0.0
         for i, stage in enumerate(names):
             width = med.get(stage, 0.0)
-            ax.barh(row, width, left=left, color=plt.cm.tab10(i), edgecolor="white",
+            ax.barh(row, width, left=left, color=plt.cm.tab20(i), edgecolor="white",
                     label=stage if row == 0 else None)
             left += width
         front = med.get("first_chunk_ms")
@@ -296,7 +303,7 @@ def plot(tiny: dict[str, Point], path: Path) -> None:
                     label="client TTFT p50" if row == 0 else None)
     ax.set_yticks(range(len(tiny)), [f"{k}" for k in tiny])
     ax.set_xlabel("ms from the front receiving the request to decode's first token (medians)")
-    ax.set_title("Disaggregated request, tiny model, 200-token prompt, concurrency 1")
+    ax.set_title("Tiny model, 200-token prompt, concurrency 1: one engine vs P/D")
     ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.28))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -330,6 +337,40 @@ def fp8_kv_runs_here() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return True  # vLLM's rule is for x86 only
     return bool(torch.cpu._is_avx512_supported() or torch.cpu._is_amx_tile_supported())
+
+
+# (one engine's stage, the P/D request's stage) of the path to token 1, side by side
+TOKEN_ONE_PATH = (("to engine", "local_to_engine", "to_prefill_engine"),
+                  ("queue", "local_queue", "prefill_queue"),
+                  ("compute", "local_compute", "prefill_compute"))
+
+
+def one_engine_vs_prefill(tiny: dict[str, Point]) -> list[str]:
+    """The aggregated app's path to token 1 next to the P/D request's prefill: the same
+    marks (front receipt, engine-core queued/scheduled/first token, first chunk written) on
+    the same core, so a compute or hop difference shows as such."""
+    if "aggregated" not in tiny:
+        return []
+    lines = ["", "Path to token 1, one engine (`aggregated`, `mode: aggregated` on core 0) vs "
+             "prefill's engine (core 0): medians, ms; `after token 1` = first chunk written "
+             "minus the three before it (for `before` it holds the whole handoff).", "",
+             "| setup | " + " | ".join(n for n, _, _ in TOKEN_ONE_PATH)
+             + " | after token 1 | first chunk | TTFT p50 |", "|---|---|---|---|---|---|---|"]
+    computes = {}
+    for label, point in tiny.items():
+        med = median_stages(point.timelines)
+        col = 1 if label == "aggregated" else 2
+        parts = [med.get(names[col]) for names in TOKEN_ONE_PATH]
+        first = med.get("first_chunk_ms")
+        rest = (first - sum(parts)) if first is not None and None not in parts else None
+        computes[label] = parts[2]
+        lines.append(f"| {label} | " + " | ".join(fmt(v) for v in parts)
+                     + f" | {fmt(rest)} | {fmt(first)} | {fmt(point.p50('ttft'))} |")
+    one, pre = computes.get("aggregated"), computes.get("after")
+    if one is not None and pre is not None:
+        lines += ["", f"Prefill's compute (`after`) minus one engine's: **{pre - one:+.1f} ms** "
+                  f"({fmt(pre)} vs {fmt(one)} ms)."]
+    return lines
 
 
 def markdown(args, command: str, tiny: dict[str, Point], small: dict[str, dict[str, Point]],
@@ -375,6 +416,7 @@ def markdown(args, command: str, tiny: dict[str, Point], small: dict[str, dict[s
                   f"{fmt(median_stages(tiny['push'].timelines).get('in_path_ms'))} ms vs "
                   f"{fmt(median_stages(tiny['before'].timelines).get('in_path_ms'))} ms "
                   "with pull (`before`: token 1 from decode too)."]
+    lines += one_engine_vs_prefill(tiny)
     lines += ["", "In detail (the KV router's marks, with `--policy kv`; the prefill replica's "
               "own marks: Ray hop vs vLLM frontend):", "",
               "| setup | " + " | ".join(DETAIL_STAGES) + " |",
@@ -470,10 +512,13 @@ def main(argv: list[str] | None = None) -> int:
         return json.loads((ROOT / "models" / model / "config.json").read_text())["vocab_size"]
 
     tiny: dict[str, Point] = {}
-    for label, first_token in (("before", False), ("after", True)):
+    # the aggregated app first: the same prompts on one engine, the baseline of the handoff
+    for label, first_token, mode in (("aggregated", True, "aggregated"),
+                                     ("before", False, "disaggregated"),
+                                     ("after", True, "disaggregated")):
         batch = prompts(args.requests + 2, 200, vocab("tiny-llama"), seed=11)
         points, _ = run_point(args, f"tiny-{label}", "tiny-llama", first_token, "auto",
-                              args.out, [("200", batch, 32)], None)
+                              args.out, [("200", batch, 32)], None, mode)
         tiny[label] = points["200"]
     push_args = with_push(args)
     if not args.no_push:

@@ -50,7 +50,16 @@ DETAIL_STAGES: dict[str, tuple[str, str]] = {
     "decode_frontend": ("prefill_returned", "decode_generate_in"),
     "to_decode_core": ("decode_generate_in", "decode_queued"),
 }
+# A request one engine serves whole (aggregated, or prefilled on the decode replica): the same
+# front and engine-core marks, so its compute compares with prefill's on the same clock.
+LOCAL_STAGES: dict[str, tuple[str, str]] = {
+    "local_to_engine": ("received", "decode_queued"),
+    "local_queue": ("decode_queued", "decode_scheduled"),
+    "local_compute": ("decode_scheduled", "decode_first_token"),
+}
 ALL_STAGES = STAGES | DETAIL_STAGES
+ONE_ENGINE_STAGES = LOCAL_STAGES | {name: ALL_STAGES[name] for name in ("to_decode_core",
+                                                                      "to_socket")}
 ENGINE_MARKS = ("queued", "scheduled", "first_token")
 
 
@@ -68,12 +77,14 @@ def engine_stamps(metrics: Any) -> dict[str, float]:
 @dataclass
 class HandoffTimeline:
     """Absolute marks of one request (monotonic seconds); ``stages_ms`` turns them into the
-    stage durations of :data:`STAGES`, plus ``first_chunk_ms``, the client's TTFT as the
-    front sees it, and the KV read the decode engine reported."""
+    stage durations of :data:`STAGES` (:data:`ONE_ENGINE_STAGES` for a request one engine
+    serves whole), plus ``first_chunk_ms``, the client's TTFT as the front sees it, and the
+    KV read the decode engine reported."""
 
     marks: dict[str, float] = field(default_factory=dict)
     kv_bytes: int = 0
     kv_read_s: float | None = None
+    route: str = "disaggregated"
 
     def mark(self, name: str, at: float | None = None) -> None:
         self.marks.setdefault(name, time.monotonic() if at is None else at)
@@ -84,8 +95,9 @@ class HandoffTimeline:
 
     def stages_ms(self) -> dict[str, float]:
         m = self.marks
+        table = ALL_STAGES if self.route == "disaggregated" else ONE_ENGINE_STAGES
         out = {name: round((m[end] - m[start]) * 1e3, 3)
-               for name, (start, end) in ALL_STAGES.items() if start in m and end in m}
+               for name, (start, end) in table.items() if start in m and end in m}
         if "received" in m and "first_chunk" in m:
             out["first_chunk_ms"] = round((m["first_chunk"] - m["received"]) * 1e3, 3)
         if "received" in m and "decode_first_chunk" in m:
@@ -95,7 +107,7 @@ class HandoffTimeline:
 
     def record(self) -> dict[str, Any]:
         """What the front logs (one JSON line per request)."""
-        out: dict[str, Any] = {"stages_ms": self.stages_ms()}
+        out: dict[str, Any] = {"route": self.route, "stages_ms": self.stages_ms()}
         if self.kv_read_s is not None:
             out["kv_read_ms"] = round(self.kv_read_s * 1e3, 3)
         span = in_path_seconds(self.marks)

@@ -152,6 +152,20 @@ def test_timeline_stages_from_front_and_engine_marks():
     assert t.marks["received"] == 9.0
 
 
+def test_local_stages_of_a_request_one_engine_serves_whole():
+    t = HandoffTimeline(route="aggregated")
+    t.mark("received", 5.000)
+    t.engine("decode", {"queued": 5.002, "scheduled": 5.003, "first_token": 5.060})
+    t.mark("decode_first_chunk", 5.063)
+    record = t.record()
+    assert record["route"] == "aggregated"
+    stages = record["stages_ms"]
+    assert [stages[s] for s in ("local_to_engine", "local_queue", "local_compute",
+                                "to_socket")] == pytest.approx([2.0, 1.0, 57.0, 3.0])
+    assert "in_path_ms" not in record and "prefill_compute" not in stages
+    assert "kv_wait" not in stages and "decode_first_step" not in stages  # P/D names only
+
+
 def test_median_stages_over_records():
     records = [{"stages_ms": {"kv_wait": v}, "kv_read_ms": v / 2} for v in (1, 3, 10)]
     assert median_stages(records) == {"kv_wait": 3, "kv_read_ms": 1.5}

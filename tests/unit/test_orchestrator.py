@@ -134,6 +134,33 @@ async def test_aggregated_mode_uses_decode_engine_only():
     assert decode.requests[0].kv_transfer_params is None
 
 
+async def test_timeline_of_a_request_one_engine_serves_whole(caplog):
+    """With ``handoff.timeline`` on, an aggregated request logs its own stages (the baseline
+    the handoff is compared with), read from the engine's marks of its request id."""
+    import json
+    import logging
+
+    asked = []
+
+    def probe(key):
+        asked.append(key)
+        return {"queued": 1.0, "scheduled": 1.5, "first_token": 2.0}, 0, None
+
+    decode = FakeEngine(stream_items=[Head(KIND_STREAM), "data: a\n\n", "data: [DONE]\n\n"])
+    orch = PDOrchestrator("aggregated", decode, timeline=probe)
+    request = FakeCompletion(stream=True)
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        reply = await orch.handle("completion", request)
+        assert await _collect(reply) == ["data: a\n\n", "data: [DONE]\n\n"]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pd_timeline")]
+    assert len(lines) == 1
+    record = json.loads(lines[0].split(" ", 1)[1])
+    assert record["route"] == "aggregated" and asked == [""]
+    stages = record["stages_ms"]
+    assert stages["local_queue"] == 500.0 and stages["local_compute"] == 500.0
+    assert "prefill_compute" not in stages and "first_chunk_ms" in stages
+
+
 async def test_non_stream_reply_closes_engine_stream():
     body = Head(KIND_JSON, 200, {"choices": []})
     decode = FakeEngine(stream_items=[body])
