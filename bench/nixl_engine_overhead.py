@@ -13,8 +13,15 @@ it holds the prompt's last step).
     python bench/nixl_engine_overhead.py                       # no NIXL vs NIXL at 100 µs
     python bench/nixl_engine_overhead.py --a nixl:100 --b nixl:20000
 
-A server is ``plain`` or ``nixl:<progress delay µs>``. Figures of 2026-12-06 and 2026-12-07
-are in docs/HANDOFF.md ("a quiet progress thread on decode"); this prints, it writes no docs.
+A server is ``plain``, ``nixl:<progress delay µs>`` (NixlConnector, ``kv_both``, plain
+requests) or ``prefill:<µs>`` (a P/D prefill engine: ``kv_producer``, and every request carries
+the app's prefill-leg ``kv_transfer_params``, so the connector holds its blocks for a READ
+that never comes, as for a prefill leg):
+
+    python bench/nixl_engine_overhead.py --a plain --b prefill:100 --output-len 3
+
+Figures of 2026-12-06 and 2026-12-07 are in docs/HANDOFF.md ("a quiet progress thread on
+decode"), of 2026-12-08 in docs/BENCHMARKS.md; this prints, it writes no docs.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from serving_overhead import (  # noqa: E402
 )
 
 from app.engine_process import SMALL_HOST_SHM_BUSY_LOOP_S  # noqa: E402
+from app.pd_requests import PREFILL_KV_PARAMS  # noqa: E402
 from app.ports import listen_port  # noqa: E402
 from loadtests.servers import start_logged, stop_process_group, wait_ready  # noqa: E402
 
@@ -49,11 +57,13 @@ NIXL = {"kv_connector": "NixlConnector", "kv_buffer_device": "cpu", "kv_role": "
 
 
 async def stream_times(http: httpx.AsyncClient, url: str, model: str, prompt: list[int],
-                       max_tokens: int) -> tuple[float, float]:
+                       max_tokens: int, kv_params: dict | None = None) -> tuple[float, float]:
     """Time to the first token and mean gap between tokens 2..n of one greedy stream,
     seconds."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True}
+    if kv_params is not None:
+        body["kv_transfer_params"] = kv_params
     stamps = []
     sent = time.perf_counter()
     async with http.stream("POST", url + "/v1/completions", json=body) as r:
@@ -73,7 +83,9 @@ async def alternate(urls: dict[str, str], args, vocab: int) -> dict[str, tuple[f
         for i in range(args.requests + args.warmup):
             for name, url in urls.items():
                 prompt = [rng.randrange(16, vocab) for _ in range(args.input_len)]
-                got = await stream_times(http, url, args.model_name, prompt, args.output_len)
+                got = await stream_times(http, url, args.model_name, prompt, args.output_len,
+                                         dict(PREFILL_KV_PARAMS) if "prefill:" in name
+                                         else None)
                 if i >= args.warmup:
                     times[name].append(got)
     return {name: tuple(statistics.median(t[k] for t in v) * 1e3 for k in (0, 1))
@@ -82,14 +94,15 @@ async def alternate(urls: dict[str, str], args, vocab: int) -> dict[str, tuple[f
 
 def start(spec: str, core: int, args, workdir: Path):
     kind, _, delay = spec.partition(":")
-    if kind not in ("plain", "nixl") or (kind == "nixl" and not delay.isdigit()):
-        raise SystemExit(f"bad server {spec!r}: plain or nixl:<delay µs>")
+    if kind not in ("plain", "nixl", "prefill") or (kind != "plain" and not delay.isdigit()):
+        raise SystemExit(f"bad server {spec!r}: plain, nixl:<delay µs> or prefill:<delay µs>")
     port = listen_port()
     env = {**server_env(int(delay) if delay else None, SMALL_HOST_SHM_BUSY_LOOP_S),
            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(listen_port()),
            "VLLM_CPU_OMP_THREADS_BIND": str(core)}
     log = workdir / f"{spec.replace(':', '-')}-core{core}.log"
-    cmd = vllm_server_command(args, port, core, NIXL if kind == "nixl" else None)
+    kv = {"nixl": NIXL, "prefill": {**NIXL, "kv_role": "kv_producer"}}.get(kind)
+    cmd = vllm_server_command(args, port, core, kv)
     return start_logged(cmd, log, ROOT, env), port, log
 
 
