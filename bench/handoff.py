@@ -69,6 +69,7 @@ class Stream:
     ttst: float | None  # time to the second token
     tpot: float | None
     tokens: int
+    headers: float | None = None  # the response's headers read by the client
 
 
 @dataclass
@@ -95,6 +96,7 @@ async def stream_one(http: httpx.AsyncClient, base: str, model: str, prompt: lis
     t0 = time.perf_counter()
     stamps: list[float] = []
     async with http.stream("POST", base + "/v1/completions", json=body) as r:
+        headers = time.perf_counter() - t0
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
         async for line in r.aiter_lines():
@@ -107,7 +109,7 @@ async def stream_one(http: httpx.AsyncClient, base: str, model: str, prompt: lis
         raise RuntimeError("no tokens streamed")
     n = len(stamps)
     return Stream(stamps[0] - t0, stamps[1] - t0 if n > 1 else None,
-                  (stamps[-1] - stamps[0]) / (n - 1) if n > 1 else None, n)
+                  (stamps[-1] - stamps[0]) / (n - 1) if n > 1 else None, n, headers)
 
 
 async def sequential(base: str, model: str, batch: list[list[int]], max_tokens: int,
@@ -355,7 +357,8 @@ def one_engine_vs_prefill(tiny: dict[str, Point]) -> list[str]:
              "prefill's engine (core 0): medians, ms; `after token 1` = first chunk written "
              "minus the three before it (for `before` it holds the whole handoff).", "",
              "| setup | " + " | ".join(n for n, _, _ in TOKEN_ONE_PATH)
-             + " | after token 1 | first chunk | TTFT p50 |", "|---|---|---|---|---|---|---|"]
+             + " | after token 1 | first chunk | client headers p50 | TTFT p50 |",
+             "|---|---|---|---|---|---|---|---|"]
     computes = {}
     for label, point in tiny.items():
         med = median_stages(point.timelines)
@@ -365,7 +368,8 @@ def one_engine_vs_prefill(tiny: dict[str, Point]) -> list[str]:
         rest = (first - sum(parts)) if first is not None and None not in parts else None
         computes[label] = parts[2]
         lines.append(f"| {label} | " + " | ".join(fmt(v) for v in parts)
-                     + f" | {fmt(rest)} | {fmt(first)} | {fmt(point.p50('ttft'))} |")
+                     + f" | {fmt(rest)} | {fmt(first)} | {fmt(point.p50('headers'))} | "
+                     f"{fmt(point.p50('ttft'))} |")
     one, pre = computes.get("aggregated"), computes.get("after")
     if one is not None and pre is not None:
         lines += ["", f"Prefill's compute (`after`) minus one engine's: **{pre - one:+.1f} ms** "
