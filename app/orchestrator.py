@@ -114,19 +114,16 @@ class PDOrchestrator:
         plan = hint.plan.value if hint.plan is not None else None
         route = decide_route(self.mode, shape, self.prefill is not None, plan)
         timeline = None
-        if route is Route.FALLBACK:  # meant to disaggregate, but no prefill deployment
-            self._fallback("no_prefill")
-        elif route is not Route.DISAGGREGATED and self.timeline is not None:
-            # one engine serves it whole: its stages are the baseline of the handoff's
+        if self.timeline is not None and route is not Route.FALLBACK:
+            # a request one engine serves whole logs its own stages: the handoff's baseline
             timeline = HandoffTimeline(route=route.value)
             timeline.mark("received")
+        if route is Route.FALLBACK:  # meant to disaggregate, but no prefill deployment
+            self._fallback("no_prefill")
         elif route is Route.DISAGGREGATED:
-            timeline = HandoffTimeline() if self.timeline is not None else None
-            if timeline is not None:
-                timeline.mark("received")
-                if hint.router_marks is not None:
-                    timeline.mark("router_in", hint.router_marks[0])
-                    timeline.mark("router_out", hint.router_marks[1])
+            if timeline is not None and hint.router_marks is not None:
+                timeline.mark("router_in", hint.router_marks[0])
+                timeline.mark("router_out", hint.router_marks[1])
             if self.push_target is not None:
                 target = self.push_target(hint.prefill_replica)
                 if target is not None:
